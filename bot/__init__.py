@@ -1,0 +1,1 @@
+"""Parley core: everything between a platform and a model, knowing nothing of either."""

@@ -1,0 +1,91 @@
+"""Everything one Parley process shares, built once from Settings and closed once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from bot.backends.base import Timeouts
+from bot.conversation import Conversation
+from bot.embedded_redis import EmbeddedRedis
+from bot.ratelimit import Limiter
+from bot.router import Router
+from bot.settings import Settings
+from bot.state import State
+
+log = logging.getLogger(__name__)
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """One pool per process. Sentinel (redis+sentinel://) and Cluster URLs come in issue 5."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        retry_on_timeout=True,
+    )
+
+
+@dataclass
+class Parley:
+    settings: Settings
+    redis: aioredis.Redis
+    state: State
+    limiter: Limiter
+    router: Router
+    conversation: Conversation
+    http: web.Application
+    embedded: EmbeddedRedis | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Parley:
+        embedded = None
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir / "redis")
+            url = await embedded.start()
+            log.info(
+                "no PARLEY_REDIS_URL: started an embedded Redis, data in %s",
+                (settings.data_dir / "redis").resolve(),
+            )
+        else:
+            url = settings.redis_url.get_secret_value()
+        redis = connect_redis(url)
+        state = State(
+            redis,
+            prefix=settings.redis_prefix,
+            history_max=settings.history_max_messages,
+            history_ttl=settings.history_ttl_days * 86400,
+            dedup_ttl=settings.dedup_ttl,
+        )
+        limiter = Limiter(
+            redis,
+            rate=settings.rate_limit,
+            max_in_flight=settings.max_in_flight,
+            in_flight_ttl=settings.turn_timeout,
+            prefix=settings.redis_prefix,
+        )
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            first_chunk=settings.first_token_timeout,
+            idle=settings.idle_timeout,
+        )
+        router = Router.from_configs(
+            settings.backend_configs(),
+            timeouts,
+            concurrency=settings.backend_concurrency,
+            ttl=settings.catalog_ttl,
+        )
+        conversation = Conversation(settings=settings, state=state, limiter=limiter, router=router)
+        return cls(
+            settings, redis, state, limiter, router, conversation, web.Application(), embedded
+        )
+
+    async def aclose(self) -> None:
+        await self.router.aclose()
+        await self.redis.aclose()
+        if self.embedded is not None:
+            await self.embedded.stop()

@@ -1,0 +1,1 @@
+"""Model backends: thin HTTP clients that yield typed chunks and raise typed errors."""

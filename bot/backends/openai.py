@@ -1,0 +1,114 @@
+"""Any OpenAI-compatible server: /v1/chat/completions (SSE streaming) and /v1/models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from bot.backends.base import (
+    Chunk,
+    Content,
+    Done,
+    Message,
+    Thinking,
+    Timeouts,
+    error_text,
+    make_client,
+    status_error,
+    transport_error,
+)
+from bot.backends.ollama import timed_lines
+from bot.errors import BackendError, BackendStreamError
+from bot.settings import BackendConfig
+
+
+class OpenAIBackend:
+    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        self.client = make_client(config, self.timeouts)
+        # A base URL may or may not already end in /v1 (https://api.example.com/v1 is common).
+        self.prefix = "" if config.url.rstrip("/").endswith("/v1") else "/v1"
+
+    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
+        body = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        request = self.client.build_request("POST", f"{self.prefix}/chat/completions", json=body)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as e:
+            raise transport_error(self.name, e) from e
+        try:
+            if response.status_code != 200:
+                text = error_text(await response.aread())
+                raise status_error(self.name, model, response.status_code, text, response.headers)
+            started = False
+            reason: str | None = None
+            usage: dict[str, Any] = {}
+            try:
+                async for line in timed_lines(response, self.name, self.timeouts):
+                    if not line.startswith("data:"):
+                        continue  # comments, event names, keep-alives
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        yield Done(
+                            reason=reason or "stop",
+                            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                            completion_tokens=int(usage.get("completion_tokens", 0)),
+                        )
+                        return
+                    try:
+                        data: dict[str, Any] = json.loads(payload)
+                    except ValueError:
+                        raise BackendStreamError(self.name, "malformed output") from None
+                    if "error" in data:
+                        raise BackendStreamError(self.name, error_text(payload.encode()))
+                    usage = data.get("usage") or usage
+                    for choice in data.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        thought = delta.get("reasoning") or delta.get("reasoning_content")
+                        if thought:
+                            started = True
+                            yield Thinking(str(thought))
+                        if content := delta.get("content"):
+                            started = True
+                            yield Content(str(content))
+                        reason = choice.get("finish_reason") or reason
+            except httpx.TransportError as e:
+                if started:
+                    raise BackendStreamError(self.name, "the connection broke") from e
+                raise transport_error(self.name, e) from e
+            if reason:  # some servers end after the finish chunk without [DONE]
+                yield Done(reason=reason)
+                return
+            raise BackendStreamError(self.name, "the stream ended without finishing")
+        finally:
+            await response.aclose()
+
+    async def list_models(self) -> list[str]:
+        try:
+            response = await self.client.get(
+                f"{self.prefix}/models", timeout=self.timeouts.connect * 2
+            )
+        except httpx.TransportError as e:
+            raise transport_error(self.name, e) from e
+        if response.status_code != 200:
+            raise status_error(
+                self.name, "", response.status_code, error_text(response.content), response.headers
+            )
+        try:
+            data = response.json().get("data") or []  # Ollama answers `null` when empty
+            return [str(m["id"]) for m in data]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BackendError(self.name, "unexpected /v1/models answer") from None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,184 @@
+"""`parley run | chat | models | check`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from bot.app import Parley, connect_redis
+from bot.embedded_redis import EmbeddedRedis
+from bot.errors import BackendError
+from bot.router import Router
+from bot.settings import Settings, load_settings
+
+log = logging.getLogger("parley")
+
+
+def setup_logging(level: str, *, quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore", "discord.gateway", "slack_bolt"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def chat(settings: Settings, thread: str) -> int:
+    from adapters.console import ConsoleAdapter
+
+    parley = await Parley.open(settings)
+    try:
+        return await ConsoleAdapter(parley, thread=thread).run()
+    finally:
+        await parley.aclose()
+
+
+async def run(settings: Settings) -> int:
+    from adapters import platform_adapters
+
+    parley = await Parley.open(settings)
+    adapters = platform_adapters(parley)
+    if not adapters:
+        log.info("no Slack or Discord token: opening the console chat")
+        try:
+            from adapters.console import ConsoleAdapter
+
+            return await ConsoleAdapter(parley).run()
+        finally:
+            await parley.aclose()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(parley.http)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("HTTP server on %s:%s", settings.http_host, settings.http_port)
+        for adapter in adapters:
+            await adapter.start()
+            log.info("%s adapter started", adapter.name)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for adapter in reversed(adapters):
+            with contextlib.suppress(Exception):
+                await adapter.stop()
+        await runner.cleanup()
+        await parley.aclose()
+    return 0
+
+
+async def models(settings: Settings) -> int:
+    router = _router(settings)
+    try:
+        entries = await router.catalog()
+        for name, error in router.errors.items():
+            print(
+                f"parley: backend {name} ({router.backends[name].config.url}): {error.message}",
+                file=sys.stderr,
+            )
+        for entry in entries:
+            print(f"{entry.name}\t{entry.backend}")
+        return 0 if entries or not router.errors else 1
+    finally:
+        await router.aclose()
+
+
+async def check(settings: Settings) -> int:
+    failures = 0
+    print("ok    settings")
+    embedded = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir / "redis")
+            url = await embedded.start()
+            where = f"embedded, data in {settings.data_dir / 'redis'}"
+        else:
+            url = settings.redis_url.get_secret_value()
+            where = _redacted(url)
+        client = connect_redis(url)
+        try:
+            await client.ping()
+            print(f"ok    redis ({where})")
+        finally:
+            await client.aclose()
+    except Exception as e:
+        failures += 1
+        print(f"FAIL  redis: {type(e).__name__}: {e}")
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    router = _router(settings)
+    try:
+        for name in router.order:
+            backend = router.backends[name]
+            try:
+                found = await backend.list_models()
+                print(f"ok    backend {name} {backend.config.url} ({len(found)} models)")
+            except BackendError as e:
+                failures += 1
+                print(f"FAIL  backend {name} {backend.config.url}: {type(e).__name__}: {e.message}")
+    finally:
+        await router.aclose()
+    return 1 if failures else 0
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
+
+
+def _router(settings: Settings) -> Router:
+    from bot.backends.base import Timeouts
+
+    timeouts = Timeouts(
+        connect=settings.connect_timeout,
+        first_chunk=settings.first_token_timeout,
+        idle=settings.idle_timeout,
+    )
+    return Router.from_configs(
+        settings.backend_configs(), timeouts, concurrency=settings.backend_concurrency, ttl=0
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="start every configured adapter (console chat if none)")
+    chat_parser = sub.add_parser(
+        "chat", help="chat in the terminal (one message per line if piped)"
+    )
+    chat_parser.add_argument("--thread", default="main", help="conversation to continue")
+    sub.add_parser("models", help="list the models every backend serves")
+    sub.add_parser("check", help="check settings, Redis and every backend")
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    settings = load_settings()
+    setup_logging(settings.log_level, quiet=command in ("chat", "models", "check"))
+    coroutine: Any
+    match command:
+        case "chat":
+            coroutine = chat(settings, args.thread)
+        case "models":
+            coroutine = models(settings)
+        case "check":
+            coroutine = check(settings)
+        case _:
+            coroutine = run(settings)
+    try:
+        sys.exit(asyncio.run(coroutine))
+    except KeyboardInterrupt:
+        sys.exit(130)

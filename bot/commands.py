@@ -1,0 +1,107 @@
+"""model / reset / help, the same on every platform."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from bot.errors import close_matches
+from bot.router import Router
+from bot.state import State
+from bot.turn import ConversationKey
+
+NAMES = ("model", "reset", "help")
+_TEXT_COMMAND = re.compile(r"^\s*/?(?:parley\s+)?(model|reset|help)(?:\s+(\S+))?\s*$", re.I)
+
+HELP = """\
+*Parley* answers with a language model. Mention me in a channel, message me directly, or keep \
+talking in a thread I've answered in — I remember the thread.
+• `model` — show this channel's model and the ones available
+• `model <name>` — switch this channel to another model (`model default` goes back)
+• `reset` — forget this thread's history
+• `help` — this message"""
+
+
+@dataclass(frozen=True)
+class CommandReply:
+    text: str  # Markdown, ready to show
+    models: list[str] = field(default_factory=list)  # the catalog, when models are concerned
+    current: str | None = None  # the channel's model, for `model`
+
+
+def parse_text_command(text: str) -> tuple[str, str] | None:
+    """`model`, `model llama3.2`, `/reset`, `help` typed as a message → (name, args).
+
+    Only a bare command word with at most one argument counts: "help me write a poem" is a
+    question, not a command.
+    """
+    match = _TEXT_COMMAND.match(text)
+    if not match:
+        return None
+    return match[1].lower(), match[2] or ""
+
+
+class Commands:
+    def __init__(self, *, router: Router, state: State, default_model: str | None) -> None:
+        self.router = router
+        self.state = state
+        self.default_model = default_model
+
+    async def current_model(self, key: ConversationKey) -> str | None:
+        """The channel's model, else the configured default, else the first one served."""
+        prefs = await self.state.preferences(key)
+        if prefs.model:
+            return prefs.model
+        if self.default_model:
+            return self.default_model
+        names = await self.router.model_names()
+        return names[0] if names else None
+
+    async def run(self, name: str, args: str, key: ConversationKey) -> CommandReply:
+        match name:
+            case "model":
+                return await self._model(args.strip(), key)
+            case "reset":
+                forgot = await self.state.forget(key)
+                text = (
+                    "Done — I've forgotten this thread."
+                    if forgot
+                    else ("There was nothing to forget in this thread.")
+                )
+                return CommandReply(text)
+            case _:
+                return CommandReply(HELP)
+
+    async def _model(self, wanted: str, key: ConversationKey) -> CommandReply:
+        names = await self.router.model_names()
+        if not wanted:
+            current = await self.current_model(key)
+            if not names:
+                unreachable = ", ".join(f"`{n}`" for n in self.router.errors) or "every backend"
+                return CommandReply(
+                    f"Current model: `{current or 'none'}`. I can't list models right now "
+                    f"({unreachable} unreachable).",
+                    current=current,
+                )
+            listing = "\n".join(f"• `{n}`" + (" ← current" if n == current else "") for n in names)
+            return CommandReply(
+                f"Current model here: `{current}`\nAvailable:\n{listing}\n"
+                "Switch with `model <name>`.",
+                models=names,
+                current=current,
+            )
+        if wanted.lower() == "default":
+            await self.state.set_preference(key, "model", None)
+            current = await self.current_model(key)
+            return CommandReply(f"Back to the default model, `{current}`.", names, current)
+        found = await self.router.find(wanted)
+        if found is None:
+            hints = close_matches(wanted, names)
+            hint = (" Did you mean " + ", ".join(f"`{h}`" for h in hints) + "?") if hints else ""
+            return CommandReply(
+                f"I don't know the model `{wanted}`.{hint} `model` lists the available ones.",
+                models=names,
+                current=await self.current_model(key),
+            )
+        await self.state.set_preference(key, "model", found)
+        return CommandReply(f"This channel now uses `{found}`.", models=names, current=found)

@@ -1,0 +1,47 @@
+"""What the model is sent: system prompt, as much thread history as fits, the newest turn."""
+
+from __future__ import annotations
+
+from bot.backends.base import Message
+from bot.state import HistoryEntry
+
+CHARS_PER_TOKEN = 4  # a rough, model-independent estimate; errs towards sending less
+PER_MESSAGE_TOKENS = 4
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + PER_MESSAGE_TOKENS
+
+
+def speaker_content(entry: HistoryEntry, several_people: bool) -> str:
+    """In a thread with several people the model sees who said what."""
+    if entry.role == "user" and several_people and entry.user_name:
+        return f"{entry.user_name}: {entry.content}"
+    return entry.content
+
+
+def build_messages(
+    *, system: str, history: list[HistoryEntry], turn: HistoryEntry, budget_tokens: int
+) -> list[Message]:
+    """System prompt + the newest history that fits the budget + the new turn.
+
+    The system prompt and the new turn are always kept; older entries go first, whole.
+    """
+    people = {e.user_id or e.user_name for e in [*history, turn] if e.role == "user"}
+    several = len(people) > 1
+    newest = Message("user", speaker_content(turn, several))
+    used = estimate_tokens(system) + estimate_tokens(newest.content)
+    kept: list[Message] = []
+    for entry in reversed(history):
+        content = speaker_content(entry, several)
+        cost = estimate_tokens(content)
+        if used + cost > budget_tokens:
+            break
+        kept.append(Message(entry.role, content))
+        used += cost
+    kept.reverse()
+    # a history that starts with the assistant reads oddly to most chat templates
+    while kept and kept[0].role == "assistant":
+        kept.pop(0)
+    head = [Message("system", system)] if system else []
+    return [*head, *kept, newest]

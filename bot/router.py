@@ -1,0 +1,206 @@
+"""Model → backend: the merged catalog, a cap on generations per backend, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from bot.backends.base import Backend, Chunk, Message, Timeouts
+from bot.backends.ollama import OllamaBackend
+from bot.backends.openai import OpenAIBackend
+from bot.errors import BackendError, BackendTimeout, BackendUnreachable
+from bot.settings import BackendConfig
+
+log = logging.getLogger(__name__)
+
+CLOUD_SUFFIXES = ("-cloud", ":cloud")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    backend: str
+
+
+def same_model(a: str, b: str) -> bool:
+    """Ollama treats `llama3.2` and `llama3.2:latest` as one model."""
+
+    def norm(n: str) -> str:
+        return n if ":" in n.rsplit("/", 1)[-1] else n + ":latest"
+
+    return norm(a) == norm(b)
+
+
+def strip_cloud_suffix(model: str) -> str | None:
+    """`gpt-oss:120b-cloud` / `kimi-k2.6:cloud` → the cloud's own name; None if no suffix."""
+    for suffix in CLOUD_SUFFIXES:
+        if model.endswith(suffix) and len(model) > len(suffix):
+            return model[: -len(suffix)]
+    return None
+
+
+def build_backend(config: BackendConfig, timeouts: Timeouts) -> Backend:
+    if config.kind == "openai":
+        return OpenAIBackend(config, timeouts)
+    return OllamaBackend(config, timeouts)
+
+
+@dataclass
+class Generation:
+    """A started generation: which backend answers, and its chunks (the first already read)."""
+
+    backend: str
+    model: str
+    _chunks: AsyncIterator[Chunk]
+    _first: Chunk | None
+    _release: asyncio.Semaphore
+    _closed: bool = field(default=False)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            async for chunk in self._chunks:
+                yield chunk
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the stream (which stops generation upstream) and free the backend's slot."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release.release()
+
+
+class Router:
+    def __init__(
+        self,
+        backends: list[Backend],
+        *,
+        concurrency: int = 4,
+        catalog_ttl: float = 30.0,
+    ) -> None:
+        if not backends:
+            raise ValueError("at least one backend is required")
+        self.backends = {b.name: b for b in backends}
+        self.order = [b.name for b in backends]
+        self.cloud = next((b for b in backends if b.config.cloud), None)
+        self.catalog_ttl = catalog_ttl
+        self._slots = {b.name: asyncio.Semaphore(concurrency) for b in backends}
+        self._models: dict[str, list[str]] = {}  # last good catalog of each backend
+        self._fetched_at = -1e18
+        self._refresh = asyncio.Lock()
+        self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
+
+    @classmethod
+    def from_configs(
+        cls, configs: list[BackendConfig], timeouts: Timeouts, *, concurrency: int, ttl: float
+    ) -> Router:
+        return cls(
+            [build_backend(c, timeouts) for c in configs], concurrency=concurrency, catalog_ttl=ttl
+        )
+
+    async def catalog(self, *, refresh: bool = False) -> list[CatalogEntry]:
+        """Every backend's models, in backend order; cached for catalog_ttl seconds."""
+        async with self._refresh:
+            if refresh or time.monotonic() - self._fetched_at > self.catalog_ttl:
+                results = await asyncio.gather(
+                    *(self.backends[n].list_models() for n in self.order), return_exceptions=True
+                )
+                for name, result in zip(self.order, results, strict=True):
+                    if isinstance(result, BackendError):
+                        log.warning("backend %s: cannot list models: %s", name, result)
+                        self.errors[name] = result
+                    elif isinstance(result, BaseException):
+                        raise result
+                    else:
+                        self._models[name] = result
+                        self.errors.pop(name, None)
+                self._fetched_at = time.monotonic()
+        return [CatalogEntry(m, n) for n in self.order for m in self._models.get(n, [])]
+
+    async def model_names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for entry in await self.catalog():
+            seen.setdefault(entry.name)
+        return list(seen)
+
+    async def find(self, model: str) -> str | None:
+        """The catalog's spelling of `model`, if any backend serves it (or it names one)."""
+        candidates = await self.candidates(model)
+        for backend, name in candidates:
+            if any(same_model(name, m) for m in self._models.get(backend.name, [])):
+                return model
+        if strip_cloud_suffix(model) and self.cloud is not None:
+            return model
+        return None
+
+    async def candidates(self, model: str) -> list[tuple[Backend, str]]:
+        """Backends to try for `model`, in order, with the name each one knows it by."""
+        prefix, sep, rest = model.partition("/")
+        if sep and prefix in self.backends:
+            return [(self.backends[prefix], rest)]
+        await self.catalog()
+        serving = [
+            (self.backends[n], model)
+            for n in self.order
+            if any(same_model(model, m) for m in self._models.get(n, []))
+        ]
+        if serving:
+            return serving
+        if (bare := strip_cloud_suffix(model)) is not None:
+            if self.cloud is not None:
+                return [(self.cloud, bare)]
+            # a signed-in local Ollama proxies cloud models itself
+            local = [
+                self.backends[n] for n in self.order if self.backends[n].config.kind == "ollama"
+            ]
+            if local:
+                return [(local[0], model)]
+        return [(self.backends[self.order[0]], model)]
+
+    async def open(self, model: str, messages: list[Message]) -> Generation:
+        """Start a generation, failing over while a backend is unreachable before output."""
+        failure: BackendError | None = None
+        for backend, name in await self.candidates(model):
+            slot = self._slots[backend.name]
+            await slot.acquire()
+            chunks = backend.chat(name, messages)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                slot.release()
+                failure = BackendError(backend.name, "empty answer")
+                continue
+            except (BackendUnreachable, BackendTimeout) as e:
+                slot.release()
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                log.warning(
+                    "backend %s unreachable for %s, trying the next: %s", backend.name, name, e
+                )
+                failure = e
+                continue
+            except BaseException:
+                slot.release()
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                raise
+            return Generation(backend.name, name, chunks, first, slot)
+        assert failure is not None
+        raise failure
+
+    async def aclose(self) -> None:
+        for backend in self.backends.values():
+            await backend.aclose()

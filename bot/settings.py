@@ -1,0 +1,266 @@
+"""Parley's settings: the only module that reads the environment (and `.env`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CLOUD_URL = "https://ollama.com"
+DEFAULT_OLLAMA_PORT = 11434
+_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.I)
+
+
+def parse_ollama_host(value: str | None) -> str:
+    """Turn OLLAMA_HOST into a base URL the way the Ollama CLI does.
+
+    Bare host → http://, default port 11434, 0.0.0.0 / :: → loopback, a path is kept.
+    """
+    raw = (value or "").strip()
+    if not raw:
+        return f"http://127.0.0.1:{DEFAULT_OLLAMA_PORT}"
+    scheme = "http"
+    if "://" in raw:
+        scheme, raw = raw.split("://", 1)
+    host_port, _, path = raw.partition("/")
+    default_port = {"http": 80, "https": 443}[scheme] if "://" in (value or "") else 11434
+    if host_port.startswith("["):  # IPv6 literal
+        end = host_port.find("]")
+        host, rest = host_port[1:end], host_port[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+    elif host_port.count(":") == 1:
+        host, port = host_port.split(":")
+    else:
+        host, port = host_port, ""
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported scheme {scheme!r}")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    port_number = int(port) if port else default_port
+    shown = f"[{host}]" if ":" in host else host
+    path = path.rstrip("/")
+    return f"{scheme}://{shown}:{port_number}" + (f"/{path}" if path else "")
+
+
+class BackendConfig(BaseModel):
+    """One model server."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["ollama", "openai"]
+    url: str
+    api_key: SecretStr | None = None
+    cloud: bool = False  # serves `X-cloud` / `X:cloud` models without the suffix
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+
+class RateLimit(BaseModel):
+    """A request rate such as 10/minute (the `limits` library's notation)."""
+
+    count: int
+    seconds: int
+    text: str
+
+
+def parse_rate(value: str) -> RateLimit:
+    match = _RATE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a rate like '10/minute' or '100 per hour'")
+    count, multiple, unit = int(match[1]), int(match[2] or 1), match[3].lower()
+    seconds = multiple * {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[unit]
+    if count < 1:
+        raise ValueError("the count must be at least 1")
+    return RateLimit(count=count, seconds=seconds, text=f"{count}/{multiple} {unit}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PARLEY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # --- backends ---
+    backends: Annotated[list[BackendConfig], NoDecode] = Field(default_factory=list)
+    ollama_host: str | None = Field(default=None, validation_alias="OLLAMA_HOST")
+    ollama_api_key: SecretStr | None = Field(default=None, validation_alias="OLLAMA_API_KEY")
+    default_model: str | None = None
+    backend_concurrency: int = Field(default=4, ge=1)
+    catalog_ttl: float = Field(default=30.0, ge=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    first_token_timeout: float = Field(default=300.0, gt=0)  # models load on first use
+    idle_timeout: float = Field(default=60.0, gt=0)
+
+    # --- state ---
+    redis_url: SecretStr | None = None  # may carry a password
+    redis_prefix: str = "parley:"
+    data_dir: Path = Path("data")
+    history_max_messages: int = Field(default=50, ge=2)
+    history_ttl_days: float = Field(default=30.0, gt=0)
+    context_tokens: int = Field(default=4096, ge=256)
+    reply_reserve_tokens: int = Field(default=1024, ge=0)
+    dedup_ttl: int = Field(default=600, ge=1)
+
+    # --- users ---
+    rate_limit: Annotated[RateLimit, NoDecode] = Field(
+        default_factory=lambda: parse_rate("10/minute")
+    )
+    max_in_flight: int = Field(default=2, ge=1)
+    max_input_chars: int = Field(default=8000, ge=1)
+    turn_timeout: float = Field(default=600.0, gt=0)
+    system_prompt: str = (
+        "You are Parley, a helpful assistant in a team chat. Answer concisely in Markdown."
+    )
+
+    # --- rendering ---
+    edit_interval: float = Field(default=1.0, ge=0.05)
+    show_model_footer: bool = False
+
+    # --- logging / http ---
+    log_level: str = "INFO"
+    http_port: int = Field(default=3000, ge=0, le=65535)
+    http_host: str = "0.0.0.0"
+
+    # --- Slack ---
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None  # xapp-…: Socket Mode
+    slack_signing_secret: SecretStr | None = None  # HTTP mode
+    slack_api_url: str = "https://slack.com/api/"
+    slack_thread_followups: bool = True
+    slack_native_streaming: bool = False
+    slack_update_budget: int = Field(default=50, ge=1)  # chat.update calls/min per workspace
+
+    # --- Discord ---
+    discord_token: SecretStr | None = None
+    discord_api_url: str | None = None  # e.g. http://proxy:8080/api/v10
+    discord_gateway_url: str | None = None
+    discord_shard_count: int | None = Field(default=None, ge=1)
+    discord_shard_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_guild_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_use_threads: bool = False
+    discord_allowed_guilds: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_allowed_channels: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_allowed_roles: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_allowed_users: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_model_role: int | None = None  # only this role (or admins) may switch models
+    discord_model_admin_only: bool = False
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
+        return value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:
+        return parse_rate(value) if isinstance(value, str) else value
+
+    @field_validator(
+        "discord_shard_ids",
+        "discord_guild_ids",
+        "discord_allowed_guilds",
+        "discord_allowed_channels",
+        "discord_allowed_roles",
+        "discord_allowed_users",
+        mode="before",
+    )
+    @classmethod
+    def _id_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(v) for v in re.split(r"[,\s]+", value.strip()) if v]
+        return value
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _slack_url(cls, value: str) -> str:
+        return value if value.endswith("/") else value + "/"  # slack_sdk joins with urljoin
+
+    @field_validator("ollama_host")
+    @classmethod
+    def _ollama_host(cls, value: str | None) -> str | None:
+        return None if value is None else parse_ollama_host(value)
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or } (they are Redis Cluster hash tags)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        names = [b.name for b in self.backends]
+        if len(names) != len(set(names)):
+            raise ValueError("backend names must be unique")
+        if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
+            raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
+        return self
+
+    def backend_configs(self) -> list[BackendConfig]:
+        """PARLEY_BACKENDS if given, else local Ollama (OLLAMA_HOST) + Ollama Cloud with a key."""
+        if self.backends:
+            configs = list(self.backends)
+            if self.ollama_api_key and not any(b.cloud for b in configs):
+                configs.append(self._cloud())
+            return configs
+        local = BackendConfig(
+            name="local", kind="ollama", url=self.ollama_host or parse_ollama_host(None)
+        )
+        return [local, self._cloud()] if self.ollama_api_key else [local]
+
+    def _cloud(self) -> BackendConfig:
+        return BackendConfig(
+            name="cloud", kind="ollama", url=CLOUD_URL, api_key=self.ollama_api_key, cloud=True
+        )
+
+
+_FIELD_ENV = {"ollama_host": "OLLAMA_HOST", "ollama_api_key": "OLLAMA_API_KEY"}
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming the first bad setting and what is wrong with it."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    field = loc[0] if loc else ""
+    env = _FIELD_ENV.get(field, f"PARLEY_{field.upper()}") if field else "settings"
+    where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if message.startswith("PARLEY_"):
+        return f"invalid setting {message}"
+    return f"invalid setting {env}{where}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings, or print one line naming the bad setting and exit with status 2."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        print(f"parley: {describe_validation_error(e)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,34 @@
+"""Shared fixtures: one real redis-server per test session, a clean database per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.embedded_redis import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(None, persist=False)
+    server.start_sync()
+    yield server
+    server.stop_sync()
+
+
+@pytest.fixture
+async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
+    """A real Redis, flushed before each test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -1,0 +1,1 @@
+"""Protocol-faithful fake servers for tests."""

@@ -1,0 +1,220 @@
+"""The renderer: cadence, coalescing, splitting, final states."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import re
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.backends.base import Content, Done, Thinking
+from bot.streaming import (
+    CURSOR,
+    EMPTY_ANSWER,
+    THINKING,
+    Renderer,
+    Status,
+    in_progress,
+    open_fence,
+    split_message,
+)
+from tests.sinks import RecordingSink
+
+FENCE_LINE = re.compile(r"^ {0,3}(`{3,}|~{3,}).*$", re.M)
+
+
+def words(text: str) -> list[str]:
+    """The text's words with fence lines dropped (splitting adds and removes only those)."""
+    return FENCE_LINE.sub("", text).split()
+
+
+def loses_nothing(original: str, pages: str) -> bool:
+    """Every visible character of the original appears, in order, in the pages."""
+    remaining = iter("".join(pages.split()))
+    return all(ch in remaining for ch in "".join(original.split()))
+
+
+# --- splitting ------------------------------------------------------------------------------
+
+
+def test_short_text_is_one_message() -> None:
+    assert split_message("hello", 100) == ["hello"]
+
+
+def test_split_prefers_paragraph_boundaries() -> None:
+    text = ("a" * 50 + "\n\n") * 4
+    pages = split_message(text, 120)
+    assert all(len(p) <= 120 for p in pages)
+    assert all(set(p.replace("\n\n", "")) == {"a"} for p in pages)
+
+
+def test_split_inside_code_closes_and_reopens_the_fence() -> None:
+    code = "\n".join(f"line_{i} = {i}" for i in range(60))
+    text = f"Here:\n\n```python\n{code}\n```\n\nDone."
+    pages = split_message(text, 300)
+    assert len(pages) > 2
+    for page in pages:
+        assert len(page) <= 300
+        assert open_fence(page) is None
+    assert pages[1].startswith("```python\n")
+    assert words("\n".join(pages)) == words(text)
+
+
+markdownish = st.lists(
+    st.one_of(
+        st.text(alphabet="abc .!?\n`~", min_size=0, max_size=80),
+        st.sampled_from(["```", "```python", "~~~", "\n\n", "\n", " ", "````"]),
+        st.text(alphabet="xyz", min_size=50, max_size=400),
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=markdownish, limit=st.integers(min_value=60, max_value=500))
+def test_splitting_never_exceeds_the_limit_nor_leaves_a_fence_open(text: str, limit: int) -> None:
+    pages = split_message(text, limit)
+    for page in pages[:-1]:
+        assert len(page) <= limit
+        assert open_fence(page) is None  # every finished message balances its fences
+    assert len(pages[-1]) <= limit
+    if open_fence(text) is None:
+        assert open_fence(pages[-1]) is None
+    assert loses_nothing(text, "\n".join(pages))
+
+
+def test_in_progress_text_closes_an_open_fence_and_shows_a_cursor() -> None:
+    shown = in_progress("look:\n```py\nx = 1")
+    assert shown.endswith("```" + CURSOR)
+    assert open_fence(shown.removesuffix(CURSOR)) is None
+
+
+# --- renderer -------------------------------------------------------------------------------
+
+
+async def stream(renderer: Renderer, pieces: list[str], delay: float) -> None:
+    for piece in pieces:
+        renderer.feed(Content(piece))
+        await asyncio.sleep(delay)
+    renderer.feed(Done())
+
+
+async def test_500_token_stream_edits_at_most_duration_over_interval_plus_two() -> None:
+    sink = RecordingSink(max_chars=12000, min_edit_interval=1.0, latency=0.05)
+    renderer = Renderer(sink)
+    started = time.monotonic()
+    await renderer.begin()
+    await stream(renderer, [f"tok{i} " for i in range(500)], 0.005)
+    result = await renderer.finish(Status.COMPLETE)
+    duration = time.monotonic() - started
+    assert result.text == "".join(f"tok{i} " for i in range(500))
+    assert sink.messages[-1] == result.text.rstrip()
+    assert len(sink.edits) <= math.ceil(duration / 1.0) + 2
+    assert sink.max_in_flight == 1  # no two calls ever overlap
+    calls = sink.calls
+    for before, after in itertools.pairwise(calls):
+        assert after.started >= before.ended
+    mid = [c for c in sink.edits if not c.final]
+    for before, after in itertools.pairwise(mid):
+        assert after.started - before.started >= 0.99  # the cadence holds between edits
+
+
+async def test_edits_are_coalesced_while_one_is_in_flight() -> None:
+    sink = RecordingSink(min_edit_interval=0.05, latency=0.2)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    await stream(renderer, ["x"] * 100, 0.005)  # 0.5 s of tokens, 0.2 s per edit
+    await renderer.finish(Status.COMPLETE)
+    assert len(sink.edits) <= 5
+    assert sink.messages == ["x" * 100]
+
+
+async def test_final_edit_is_not_held_back_by_the_cadence() -> None:
+    sink = RecordingSink(min_edit_interval=5.0)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    renderer.feed(Content("hello"))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await renderer.finish(Status.COMPLETE)
+    assert time.monotonic() - started < 1.0
+    assert sink.messages == ["hello"]
+
+
+async def test_platform_rate_limit_pushes_the_next_edit_back() -> None:
+    sink = RecordingSink(min_edit_interval=0.05, rate_limit_edits=[0.5])
+    renderer = Renderer(sink)
+    await renderer.begin()
+    await stream(renderer, ["a ", "b ", "c "], 0.05)
+    await asyncio.sleep(0.1)
+    result = await renderer.finish(Status.COMPLETE)
+    assert sink.refused, "the fake platform answered 429 once"
+    first_edit = sink.edits[0]
+    assert first_edit.started - sink.refused[0] >= 0.49
+    assert sink.messages == ["a b c"]
+    assert result.status is Status.COMPLETE
+
+
+async def test_long_reply_continues_in_new_messages_within_the_limit() -> None:
+    sink = RecordingSink(max_chars=500, min_edit_interval=0.02)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    paragraph = "word " * 30 + "\n\n"
+    code = "```js\n" + "\n".join(f"let v{i} = {i};" for i in range(40)) + "\n```\n\n"
+    await stream(renderer, list(paragraph * 5 + code + paragraph * 3), 0.0005)
+    result = await renderer.finish(Status.COMPLETE)
+    assert len(sink.messages) >= 4
+    for message in sink.messages:
+        assert len(message) <= 500
+        assert open_fence(message) is None
+        assert CURSOR not in message
+    assert words("\n".join(sink.messages)) == words(result.text)
+
+
+async def test_thinking_shows_a_thinking_state_and_never_an_empty_message() -> None:
+    sink = RecordingSink(min_edit_interval=0.02)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    for piece in ["Let me", " think"]:
+        renderer.feed(Thinking(piece))
+        await asyncio.sleep(0.05)
+    assert sink.messages == [THINKING]
+    renderer.feed(Content("Answer."))
+    renderer.feed(Done())
+    await renderer.finish(Status.COMPLETE)
+    assert sink.messages == ["Answer."]
+    assert all(c.text.strip() for c in sink.calls)
+    assert "thinking" in sink.waiting  # the platform indicator says so too
+
+
+async def test_error_keeps_the_partial_text_and_adds_a_notice() -> None:
+    sink = RecordingSink(min_edit_interval=0.02)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    renderer.feed(Content("The first half"))
+    result = await renderer.finish(Status.ERROR, "The model stopped with an error: boom")
+    assert sink.messages == ["The first half\n\n⚠️ The model stopped with an error: boom"]
+    assert result.text == "The first half"
+
+
+async def test_empty_answer_is_said_not_left_blank() -> None:
+    sink = RecordingSink()
+    renderer = Renderer(sink)
+    await renderer.begin()
+    renderer.feed(Done())
+    await renderer.finish(Status.COMPLETE)
+    assert sink.messages == [EMPTY_ANSWER]
+
+
+async def test_stopped_reply_is_finalised_as_stopped() -> None:
+    sink = RecordingSink()
+    renderer = Renderer(sink)
+    await renderer.begin()
+    renderer.feed(Content("partial"))
+    await renderer.finish(Status.STOPPED)
+    assert sink.messages == ["partial\n\n_⏹ Stopped._"]
+    assert sink.calls[-1].final
