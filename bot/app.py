@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ from aiohttp import web
 from bot.backends.base import Timeouts
 from bot.conversation import Conversation
 from bot.embedded_redis import EmbeddedRedis
+from bot.metrics import Metrics
 from bot.ratelimit import Limiter
 from bot.router import Router
 from bot.settings import Settings
@@ -39,7 +42,9 @@ class Parley:
     router: Router
     conversation: Conversation
     http: web.Application
+    metrics: Metrics
     embedded: EmbeddedRedis | None = None
+    _listener: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Parley:
@@ -79,12 +84,29 @@ class Parley:
             concurrency=settings.backend_concurrency,
             ttl=settings.catalog_ttl,
         )
-        conversation = Conversation(settings=settings, state=state, limiter=limiter, router=router)
-        return cls(
-            settings, redis, state, limiter, router, conversation, web.Application(), embedded
+        metrics = Metrics()
+        conversation = Conversation(
+            settings=settings, state=state, limiter=limiter, router=router, metrics=metrics
         )
+        parley = cls(
+            settings,
+            redis,
+            state,
+            limiter,
+            router,
+            conversation,
+            web.Application(),
+            metrics,
+            embedded,
+        )
+        parley._listener = asyncio.create_task(conversation.listen_for_stops())
+        return parley
 
     async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         await self.router.aclose()
         await self.redis.aclose()
         if self.embedded is not None:

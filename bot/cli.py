@@ -15,20 +15,11 @@ from aiohttp import web
 from bot.app import Parley, connect_redis
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import BackendError
+from bot.logs import setup_logging
 from bot.router import Router
 from bot.settings import Settings, load_settings
 
 log = logging.getLogger("parley")
-
-
-def setup_logging(level: str, *, quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore", "discord.gateway", "slack_bolt"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 async def chat(settings: Settings, thread: str) -> int:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable
 from enum import StrEnum
 
 from redis.exceptions import RedisError
 
+from bot.backends.base import Message
 from bot.commands import CommandReply, Commands, parse_text_command
 from bot.errors import (
     BackendError,
@@ -20,17 +24,21 @@ from bot.errors import (
     close_matches,
     describe,
 )
+from bot.logs import turn_id
+from bot.metrics import Metrics
 from bot.prompt import build_messages
 from bot.ratelimit import Limiter
 from bot.router import Router
 from bot.settings import Settings
 from bot.state import HistoryEntry, State
-from bot.streaming import Renderer, RenderResult, Status
+from bot.streaming import Renderer, RenderResult, Status, wait_first
 from bot.turn import ConversationKey, ReplySink, Turn
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CommandReply", "Conversation", "Outcome"]
+
+SHUTTING_DOWN = "Parley is restarting — please ask again in a moment."
 
 
 class Outcome(StrEnum):
@@ -42,23 +50,43 @@ class Outcome(StrEnum):
     REFUSED = "refused"
 
 
+def stop_token(turn: Turn) -> str:
+    """What a Stop button carries to name the reply it stops."""
+    return f"{turn.key.platform}:{turn.event_id}"
+
+
 class Conversation:
     def __init__(
-        self, *, settings: Settings, state: State, limiter: Limiter, router: Router
+        self,
+        *,
+        settings: Settings,
+        state: State,
+        limiter: Limiter,
+        router: Router,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.limiter = limiter
         self.router = router
+        self.metrics = metrics or Metrics()
         self.commands = Commands(router=router, state=state, default_model=settings.default_model)
+        self.accepting = True
+        self._active: dict[str, asyncio.Event] = {}  # stop token → its stop signal
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # --- adapters' entry points ---
 
     async def handle(self, turn: Turn, sink: ReplySink) -> Outcome:
         """Answer one message: commands, limits, history, model, stream, save."""
+        turn_id.set(turn.event_id[-12:])
+        if not self.accepting:
+            await _best_effort(sink.notify(SHUTTING_DOWN))
+            return Outcome.REFUSED
         try:
             if not await self.state.first_sighting(turn.key.platform, turn.event_id):
-                log.info("duplicate event %s ignored", turn.event_id)
+                log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
             if (command := parse_text_command(turn.text)) is not None:
                 reply = await self.command(turn, *command)
@@ -76,11 +104,16 @@ class Conversation:
             ):
                 return await self._answer(turn, sink)
         except (UserRateLimited, InputTooLong) as e:
-            await sink.notify(describe(e))
+            if isinstance(e, UserRateLimited):
+                self.metrics.user_rate_limited.labels(turn.key.platform).inc()
+            await _best_effort(sink.notify(describe(e)))
             return Outcome.REFUSED
         except (RedisError, OSError) as e:
+            # Without Redis there is no de-duplication, history or limit: answering anyway
+            # could answer twice across replicas, so say so and keep nothing half-done.
             log.error("redis unavailable: %s", e)
             await _best_effort(sink.post(describe(StateUnavailable())))
+            self.metrics.replies.labels(turn.key.platform, "error").inc()
             return Outcome.ERROR
 
     async def command(self, turn: Turn, name: str, args: str) -> CommandReply:
@@ -92,50 +125,150 @@ class Conversation:
     async def is_active(self, key: ConversationKey) -> bool:
         return await self.state.is_active(key)
 
+    async def stop(self, token: str, *, user_id: str, is_admin: bool = False) -> str | None:
+        """A Stop button was pressed. None if stopping; else why not, in words for the presser.
+
+        The reply may be generating on another replica: the request goes through Redis.
+        """
+        owner = await self.state.turn_owner(token)
+        if owner is None:
+            return "That reply has already finished."
+        if owner != user_id and not is_admin:
+            return "Only the person who asked (or an admin) can stop this reply."
+        if (local := self._active.get(token)) is not None:
+            local.set()
+        else:
+            await self.state.publish_stop(token)
+        return None
+
+    async def listen_for_stops(self) -> None:
+        """Run forever: stop requests from other replicas reach our own replies."""
+        async for token in self.state.stop_requests():
+            if (event := self._active.get(token)) is not None:
+                event.set()
+
+    async def drain(self, grace: float) -> None:
+        """Take no new turns; let replies finish for `grace` seconds, then stop the rest."""
+        self.accepting = False
+        margin = min(2.0, grace * 0.2)  # time left to finalise what is stopped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, grace - margin))
+        if self._active:
+            log.info("grace period over: stopping %d replies", len(self._active))
+            for event in self._active.values():
+                event.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), margin + 5.0)
+
     # --- the answer ---
 
     async def _answer(self, turn: Turn, sink: ReplySink) -> Outcome:
+        started = time.monotonic()
+        token = stop_token(turn)
+        stop = asyncio.Event()
+        self._active[token] = stop
+        self._idle.clear()
         renderer = Renderer(sink)
-        await renderer.begin()  # the user sees we're on it within one round trip
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         model = ""
-        result: RenderResult | None = None
+        self.metrics.in_flight.inc()
         try:
+            await self.state.claim_turn(token, turn.user_id, self.settings.turn_timeout)
+            await renderer.begin()  # the user sees we're on it within one round trip
             history = await self.state.history(turn.key)
             prefs = await self.state.preferences(turn.key)
-            model = prefs.model or await self._default_model()
-            messages = build_messages(
-                system=prefs.system_prompt or self.settings.system_prompt,
-                history=history,
-                turn=said,
-                budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
-            )
-            generation = await self.router.open(model, messages)
-            async for chunk in generation:
-                renderer.feed(chunk)
-            footer = (
-                f"_— {generation.model} via {generation.backend}_"
-                if (self.settings.show_model_footer)
-                else None
-            )
-            result = await renderer.finish(Status.COMPLETE, footer=footer)
-        except ModelNotFound as e:
-            e.suggestions = close_matches(e.model, await self._names_quietly())
-            result = await renderer.finish(Status.ERROR, describe(e))
-        except (BackendError, ParleyError) as e:
-            log.warning("turn failed: %r", e)
-            result = await renderer.finish(Status.ERROR, describe(e))
+            try:
+                model = prefs.model or await self._default_model()
+            except ParleyError as e:
+                result = await self._failed(renderer, e)
+            else:
+                messages = build_messages(
+                    system=prefs.system_prompt or self.settings.system_prompt,
+                    history=history,
+                    turn=said,
+                    budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
+                )
+                result = await self._generate(model, messages, renderer, stop, started)
+        except (RedisError, OSError):
+            await _best_effort(renderer.finish(Status.ERROR, describe(StateUnavailable())))
+            raise
         except asyncio.CancelledError:
             await asyncio.shield(renderer.finish(Status.STOPPED))
-            await self._save(turn, said, renderer.text, model)
+            await asyncio.shield(self._save(turn, said, renderer.text, model))
             raise
+        finally:
+            self.metrics.in_flight.dec()
+            del self._active[token]
+            if not self._active:
+                self._idle.set()
+            with contextlib.suppress(RedisError, OSError):
+                await self.state.release_turn(token)
+        await self._save(turn, said, result.text, model)
+        self._observe(turn, result, started)
+        return Outcome(result.status.value)
+
+    async def _generate(
+        self,
+        model: str,
+        messages: list[Message],
+        renderer: Renderer,
+        stop: asyncio.Event,
+        started: float,
+    ) -> RenderResult:
+        """Stream into the renderer until done, failed, or stopped; always finalise."""
+        footer: list[str] = []
+
+        async def pump() -> None:
+            generation = await self.router.open(model, messages)
+            self.metrics.first_token.observe(time.monotonic() - started)
+            async for chunk in generation:
+                renderer.feed(chunk)
+            if self.settings.show_model_footer:
+                footer.append(f"_— {generation.model} via {generation.backend}_")
+
+        work = asyncio.create_task(pump())
+        try:
+            await wait_first(asyncio.shield(work), stop.wait())
+        except asyncio.CancelledError:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work  # closing the stream stops generation upstream
+            raise
+        if not work.done():  # stopped: close the stream, which stops generation upstream
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            return await renderer.finish(Status.STOPPED)
+        try:
+            work.result()
+        except ModelNotFound as e:
+            e.suggestions = close_matches(e.model, await self._names_quietly())
+            return await self._failed(renderer, e)
+        except (BackendError, ParleyError) as e:
+            return await self._failed(renderer, e)
         except (RedisError, OSError):
             raise
         except Exception as e:
             log.exception("turn failed unexpectedly")
-            result = await renderer.finish(Status.ERROR, describe(e))
-        await self._save(turn, said, result.text, model)
-        return Outcome(result.status.value)
+            return await self._failed(renderer, e)
+        return await renderer.finish(Status.COMPLETE, footer=footer[0] if footer else None)
+
+    async def _failed(self, renderer: Renderer, error: Exception) -> RenderResult:
+        log.warning("turn failed: %s: %s", type(error).__name__, error)
+        if isinstance(error, BackendError):
+            self.metrics.backend_errors.labels(error.backend, type(error).__name__).inc()
+        return await renderer.finish(Status.ERROR, describe(error))
+
+    def _observe(self, turn: Turn, result: RenderResult, started: float) -> None:
+        m = self.metrics
+        m.replies.labels(turn.key.platform, result.status.value).inc()
+        m.edits_per_reply.observe(result.edits)
+        if result.rate_limited:
+            m.platform_rate_limited.labels(turn.key.platform).inc(result.rate_limited)
+        if result.first_visible_at is not None:
+            m.first_visible.observe(result.first_visible_at - started)
+        if result.done is not None and result.done.eval_seconds > 0:
+            m.tokens_per_second.observe(result.done.completion_tokens / result.done.eval_seconds)
 
     async def _save(self, turn: Turn, said: HistoryEntry, answer: str, model: str) -> None:
         entries = [said]
@@ -161,8 +294,8 @@ class Conversation:
             return []
 
 
-async def _best_effort(awaitable: object) -> None:
+async def _best_effort(awaitable: Awaitable[object]) -> None:
     try:
-        await awaitable  # type: ignore[misc]
+        await awaitable
     except Exception as e:
         log.warning("could not tell the user: %s", e)

@@ -6,8 +6,10 @@ code runs on Redis Cluster; multi-key writes are MULTI transactions.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from bot.turn import ConversationKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,43 @@ class State:
             return True
         name = f"{self.prefix}seen:{platform}:{event_id}"
         return bool(await self.redis.set(name, "1", nx=True, ex=self.dedup_ttl))
+
+    # --- replies in flight (for the Stop button, on whichever replica it is pressed) ---
+    def _turn_key(self, token: str) -> str:
+        return f"{self.prefix}turn:{token}"
+
+    async def claim_turn(self, token: str, user_id: str, ttl: float) -> None:
+        await self.redis.set(self._turn_key(token), user_id, ex=max(1, int(ttl)))
+
+    async def release_turn(self, token: str) -> None:
+        await self.redis.delete(self._turn_key(token))
+
+    async def turn_owner(self, token: str) -> str | None:
+        owner = await self.redis.get(self._turn_key(token))
+        return None if owner is None else _text(owner)
+
+    @property
+    def stop_channel(self) -> str:
+        return f"{self.prefix}stop"
+
+    async def publish_stop(self, token: str) -> None:
+        await self.redis.publish(self.stop_channel, token)
+
+    async def stop_requests(self) -> AsyncIterator[str]:
+        """Stop tokens published by any replica; survives Redis restarts (re-subscribes)."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.stop_channel)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        yield _text(message["data"])
+            except (RedisError, OSError) as e:
+                log.warning("stop channel lost (%s); resubscribing", e)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # --- per-thread lock ---
     @asynccontextmanager

@@ -157,6 +157,7 @@ class RenderResult:
     edits: int = 0
     first_visible_at: float | None = None  # clock time the first answer text went out
     done: Done | None = None
+    rate_limited: int = 0  # platform 429s met on the way
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Renderer:
     done: Done | None = None
     edits: int = 0
     posts: int = 0
+    rate_limited: int = 0
     first_visible_at: float | None = None
     _body: str = ""  # the current page's text (may start with a reopened fence)
     _pages: list[_Page] = field(default_factory=list)
@@ -240,18 +242,19 @@ class Renderer:
             edits=self.edits,
             first_visible_at=self.first_visible_at,
             done=self.done,
+            rate_limited=self.rate_limited,
         )
 
     # --- writer ---
 
     async def _write_loop(self) -> None:
         while not self._finishing.is_set():
-            await _first(self._dirty.wait(), self._finishing.wait())
+            await wait_first(self._dirty.wait(), self._finishing.wait())
             if self._finishing.is_set():
                 return
             delay = max(self._next_at, self._hard_until) - self.clock()
             if delay > 0:
-                await _first(asyncio.sleep(delay), self._finishing.wait())
+                await wait_first(asyncio.sleep(delay), self._finishing.wait())
                 if self._finishing.is_set():
                     return
             self._dirty.clear()
@@ -299,6 +302,7 @@ class Renderer:
             try:
                 await self.sink.edit(page.ref, text, final=final)
             except PlatformRateLimited as e:
+                self.rate_limited += 1
                 self._hard_until = self.clock() + e.retry_after
                 if not final or time.monotonic() - started > FINAL_RETRY_BUDGET:
                     if final:
@@ -330,6 +334,7 @@ class Renderer:
             try:
                 ref = await self.sink.post(text)
             except PlatformRateLimited as e:
+                self.rate_limited += 1
                 self._hard_until = self.clock() + e.retry_after
                 if time.monotonic() - started > FINAL_RETRY_BUDGET:
                     return None
@@ -353,14 +358,16 @@ class Renderer:
             self.first_visible_at = self.clock()
 
 
-async def _first(*aws: object) -> None:
-    """Wait until the first of several awaitables completes; cancel the others."""
+async def wait_first(*aws: object) -> None:
+    """Wait until the first of several awaitables completes; cancel the others.
+
+    Results and errors are left for whoever owns the awaitables (a shielded task keeps its own).
+    """
     tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
