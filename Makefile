@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint lock clean
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+# The same two pip steps as the Dockerfile: the pinned lock, then Parley itself without deps.
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q -r requirements.lock -r requirements-dev.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
@@ -28,8 +29,11 @@ lint: $(VENV)/.installed
 lock:
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
 	.lockvenv/bin/python -m pip install -q --upgrade pip
-	.lockvenv/bin/python -m pip install -q -e '.[dev]'
+	.lockvenv/bin/python -m pip install -q -e .
 	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	.lockvenv/bin/python -m pip install -q -e '.[dev]'
+	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' \
+		| grep -vxF -f requirements.lock > requirements-dev.lock
 	rm -rf .lockvenv
 
 clean:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -15,6 +14,7 @@ from aiohttp import web
 from bot.app import Parley, connect_redis
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import BackendError
+from bot.http import add_routes
 from bot.logs import setup_logging
 from bot.router import Router
 from bot.settings import Settings, load_settings
@@ -49,6 +49,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    add_routes(parley, lambda: {a.name: bool(getattr(a, "ready", True)) for a in adapters})
     runner = web.AppRunner(parley.http)
     await runner.setup()
     try:
@@ -59,13 +60,17 @@ async def run(settings: Settings) -> int:
             await adapter.start()
             log.info("%s adapter started", adapter.name)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: replies in flight get %.0fs to finish", settings.shutdown_grace)
+        await parley.conversation.drain(settings.shutdown_grace)
     finally:
         for adapter in reversed(adapters):
-            with contextlib.suppress(Exception):
+            try:
                 await adapter.stop()
+            except Exception:
+                log.exception("stopping the %s adapter failed", adapter.name)
         await runner.cleanup()
         await parley.aclose()
+    log.info("stopped")
     return 0
 
 
