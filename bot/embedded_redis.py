@@ -51,7 +51,7 @@ class EmbeddedRedis:
         """Start the server and wait until it accepts connections; returns its URL."""
         import time
 
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart comes back on the same port
         args = [
             find_redis_server(),
             "--port",
