@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -23,14 +25,35 @@ log = logging.getLogger(__name__)
 
 
 def connect_redis(url: str) -> aioredis.Redis:
-    """One pool per process. Sentinel (redis+sentinel://) and Cluster URLs come in issue 5."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        retry_on_timeout=True,
-    )
+    """One pool per process, from a redis://, rediss://, unix:// or redis+sentinel:// URL.
+
+    Sentinel: `redis+sentinel://[:password@]host:port[,host:port…]/service[/db]`; the client
+    follows the master through failovers.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "socket_connect_timeout": 5,
+        "retry_on_timeout": True,
+    }
+    parts = urlsplit(url)
+    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+        hosts = parts.netloc.rpartition("@")[2]
+        nodes = []
+        for node in hosts.split(","):
+            host, _, port = node.rpartition(":")
+            nodes.append((host or node, int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a sentinel URL names the service: redis+sentinel://host:port/name")
+        db = int(path[1]) if len(path) > 1 else 0
+        auth = {"password": unquote(parts.password)} if parts.password else {}
+        if parts.scheme.startswith("rediss"):
+            options["ssl"] = True
+        sentinel = aioredis.Sentinel(nodes, sentinel_kwargs=dict(auth), **auth)  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(path[0], db=db, **options)
+        return master
+    return aioredis.Redis.from_url(url, **options)
 
 
 @dataclass
