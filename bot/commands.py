@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from bot.errors import close_matches
+from bot.errors import ThreadBusy, close_matches
 from bot.router import Router
 from bot.state import State
 from bot.turn import ConversationKey
 
 NAMES = ("model", "reset", "help")
+RESET_WAIT = 2.0  # seconds `reset` waits for a reply in progress (slash commands answer in 3)
 _TEXT_COMMAND = re.compile(r"^\s*/?(?:parley\s+)?(model|reset|help)(?:\s+(\S+))?\s*$", re.I)
 
 HELP = """\
@@ -57,20 +58,35 @@ class Commands:
         names = await self.router.model_names()
         return names[0] if names else None
 
-    async def run(self, name: str, args: str, key: ConversationKey) -> CommandReply:
+    async def run(
+        self, name: str, args: str, key: ConversationKey, *, may_switch: bool = True
+    ) -> CommandReply:
         match name:
             case "model":
+                if args.strip() and not may_switch:
+                    return CommandReply(
+                        "Only the people allowed to choose models here can switch them. "
+                        "`model` shows the current one.",
+                        current=await self.current_model(key),
+                    )
                 return await self._model(args.strip(), key)
             case "reset":
-                forgot = await self.state.forget(key)
-                text = (
-                    "Done — I've forgotten this thread."
-                    if forgot
-                    else ("There was nothing to forget in this thread.")
-                )
-                return CommandReply(text)
+                return await self._reset(key)
             case _:
                 return CommandReply(HELP)
+
+    async def _reset(self, key: ConversationKey) -> CommandReply:
+        """Forget the thread — not under a reply being written, which would save it again."""
+        try:
+            async with self.state.thread_lock(key, expire=30.0, wait=RESET_WAIT):
+                forgot = await self.state.forget(key)
+        except ThreadBusy:
+            return CommandReply(
+                "I'm still answering here — try `reset` again once that reply has finished."
+            )
+        if forgot:
+            return CommandReply("Done — I've forgotten this thread.")
+        return CommandReply("There was nothing to forget in this thread.")
 
     async def _model(self, wanted: str, key: ConversationKey) -> CommandReply:
         names = await self.router.model_names()

@@ -20,6 +20,7 @@ from bot.errors import (
     NoModelAvailable,
     ParleyError,
     StateUnavailable,
+    ThreadBusy,
     UserRateLimited,
     close_matches,
     describe,
@@ -27,10 +28,10 @@ from bot.errors import (
 from bot.logs import turn_id
 from bot.metrics import Metrics
 from bot.prompt import build_messages
-from bot.ratelimit import Limiter
+from bot.ratelimit import InFlightSlot, Limiter
 from bot.router import Router
 from bot.settings import Settings
-from bot.state import HistoryEntry, State
+from bot.state import HistoryEntry, State, TurnStart
 from bot.streaming import Renderer, RenderResult, Status, wait_first
 from bot.turn import ConversationKey, ReplySink, Turn
 
@@ -85,25 +86,20 @@ class Conversation:
             await _best_effort(sink.notify(SHUTTING_DOWN))
             return Outcome.REFUSED
         try:
-            if not await self.state.first_sighting(turn.key.platform, turn.event_id):
-                log.info("duplicate event ignored")
-                return Outcome.DUPLICATE
-            if (command := parse_text_command(turn.text)) is not None:
-                reply = await self.command(turn, *command)
-                await sink.post(reply.text)
-                return Outcome.COMMAND
-            if len(turn.text) > self.settings.max_input_chars:
-                raise InputTooLong(len(turn.text), self.settings.max_input_chars)
-            if not turn.text.strip():
+            command = parse_text_command(turn.text)
+            too_long = len(turn.text) > self.settings.max_input_chars
+            if command is not None or too_long or not turn.text.strip():
+                if not await self.state.first_sighting(turn.key.platform, turn.event_id):
+                    return Outcome.DUPLICATE
+                if command is not None:
+                    await sink.post((await self.command(turn, *command)).text)
+                    return Outcome.COMMAND
+                if too_long:
+                    raise InputTooLong(len(turn.text), self.settings.max_input_chars)
                 await sink.notify("Ask me something after the mention — or try `help`.")
                 return Outcome.REFUSED
-            await self.limiter.check_rate(turn.key.platform, turn.user_id)
-            async with (
-                self.limiter.in_flight(turn.key.platform, turn.user_id),
-                self.state.thread_lock(turn.key, expire=self.settings.turn_timeout),
-            ):
-                return await self._answer(turn, sink)
-        except (UserRateLimited, InputTooLong) as e:
+            return await self._turn(turn, sink)
+        except (UserRateLimited, InputTooLong, ThreadBusy) as e:
             if isinstance(e, UserRateLimited):
                 self.metrics.user_rate_limited.labels(turn.key.platform).inc()
             await _best_effort(sink.notify(describe(e)))
@@ -117,7 +113,7 @@ class Conversation:
             return Outcome.ERROR
 
     async def command(self, turn: Turn, name: str, args: str) -> CommandReply:
-        return await self.commands.run(name, args, turn.key)
+        return await self.commands.run(name, args, turn.key, may_switch=turn.may_switch_model)
 
     async def model_names(self) -> list[str]:
         return await self.router.model_names()
@@ -162,50 +158,97 @@ class Conversation:
 
     # --- the answer ---
 
-    async def _answer(self, turn: Turn, sink: ReplySink) -> Outcome:
-        started = time.monotonic()
-        token = stop_token(turn)
-        stop = asyncio.Event()
-        self._active[token] = stop
-        self._idle.clear()
+    async def _turn(self, turn: Turn, sink: ReplySink) -> Outcome:
+        """Two Redis round trips in the common case: one to start (with the rate check beside
+        it), one to finish; the per-thread lock, de-dup and in-flight slot ride along."""
+        platform, user = turn.key.platform, turn.user_id
+        start = TurnStart(
+            key=turn.key,
+            event_id=turn.event_id,
+            token=stop_token(turn),
+            owner=user,
+            expire_ms=int(self.settings.turn_timeout * 1000),
+        )
+        rate = asyncio.create_task(self.limiter.check_rate(platform, user))
+        try:
+            async with self.state.redis.pipeline(transaction=False) as pipe:
+                self.state.queue_start(pipe, start)
+                slot = await self.limiter.queue_in_flight(pipe, platform, user)
+                answers = await pipe.execute()
+        finally:
+            refused = await asyncio.gather(rate, return_exceptions=True)
+        self.state.started(start, answers[:-1])
+        said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         renderer = Renderer(sink)
+        entries: list[HistoryEntry] = []
+        try:
+            if not start.fresh:
+                log.info("duplicate event ignored")
+                return Outcome.DUPLICATE
+            if isinstance(refused[0], BaseException):
+                raise refused[0]
+            self.limiter.admitted(slot, answers[-1])
+            if not start.locked:  # another message of this thread is being answered
+                await self.state.wait_for_thread(start)
+            result, model = await self._answer(turn, renderer, start)
+            entries = [said] + (
+                [HistoryEntry("assistant", result.text, model=model)] if result.text.strip() else []
+            )
+            return Outcome(result.status.value)
+        except asyncio.CancelledError:
+            if renderer.text.strip():  # stopped by shutdown: keep what was said
+                entries = [said, HistoryEntry("assistant", renderer.text)]
+            raise
+        finally:
+            await asyncio.shield(self._finish(start, slot, entries))
+
+    async def _finish(
+        self, start: TurnStart, slot: InFlightSlot, entries: list[HistoryEntry]
+    ) -> None:
+        """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
+        try:
+            async with self.state.redis.pipeline(transaction=True) as pipe:
+                await self.state.queue_finish(pipe, start, entries)
+                self.limiter.queue_release(pipe, slot)
+                if len(pipe):
+                    await pipe.execute()
+        except (RedisError, OSError) as e:
+            log.error("could not save history or free the thread (it lapses by itself): %s", e)
+
+    async def _answer(
+        self, turn: Turn, renderer: Renderer, start: TurnStart
+    ) -> tuple[RenderResult, str]:
+        started = time.monotonic()
+        stop = asyncio.Event()
+        self._active[start.token] = stop
+        self._idle.clear()
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         model = ""
         self.metrics.in_flight.inc()
         try:
-            await self.state.claim_turn(token, turn.user_id, self.settings.turn_timeout)
             await renderer.begin()  # the user sees we're on it within one round trip
-            history = await self.state.history(turn.key)
-            prefs = await self.state.preferences(turn.key)
             try:
-                model = prefs.model or await self._default_model()
+                model = start.prefs.model or await self._default_model()
             except ParleyError as e:
                 result = await self._failed(renderer, e)
             else:
                 messages = build_messages(
-                    system=prefs.system_prompt or self.settings.system_prompt,
-                    history=history,
+                    system=start.prefs.system_prompt or self.settings.system_prompt,
+                    history=start.history,
                     turn=said,
                     budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
                 )
                 result = await self._generate(model, messages, renderer, stop, started)
-        except (RedisError, OSError):
-            await _best_effort(renderer.finish(Status.ERROR, describe(StateUnavailable())))
-            raise
         except asyncio.CancelledError:
             await asyncio.shield(renderer.finish(Status.STOPPED))
-            await asyncio.shield(self._save(turn, said, renderer.text, model))
             raise
         finally:
             self.metrics.in_flight.dec()
-            del self._active[token]
+            del self._active[start.token]
             if not self._active:
                 self._idle.set()
-            with contextlib.suppress(RedisError, OSError):
-                await self.state.release_turn(token)
-        await self._save(turn, said, result.text, model)
         self._observe(turn, result, started)
-        return Outcome(result.status.value)
+        return result, model
 
     async def _generate(
         self,
@@ -269,15 +312,6 @@ class Conversation:
             m.first_visible.observe(result.first_visible_at - started)
         if result.done is not None and result.done.eval_seconds > 0:
             m.tokens_per_second.observe(result.done.completion_tokens / result.done.eval_seconds)
-
-    async def _save(self, turn: Turn, said: HistoryEntry, answer: str, model: str) -> None:
-        entries = [said]
-        if answer.strip():
-            entries.append(HistoryEntry("assistant", answer, model=model))
-        try:
-            await self.state.append(turn.key, *entries)
-        except (RedisError, OSError) as e:
-            log.error("could not save history: %s", e)
 
     async def _default_model(self) -> str:
         if self.settings.default_model:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 class EmbeddedRedis:
     """A redis-server child process on a loopback port."""
 
@@ -49,9 +54,20 @@ class EmbeddedRedis:
 
     def start_sync(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it accepts connections; returns its URL."""
+        fixed = bool(self.port)  # a restart comes back on the same port
+        for _ in range(3):
+            self.port = self.port if fixed else free_port()
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.stop_sync()
+                if fixed:
+                    raise
+        raise RuntimeError("no free port for redis-server")
+
+    def _start(self, timeout: float) -> str:
         import time
 
-        self.port = self.port or free_port()  # a restart comes back on the same port
         args = [
             find_redis_server(),
             "--port",
@@ -79,13 +95,33 @@ class EmbeddedRedis:
             if self._process.poll() is not None:
                 err = self._process.stderr.read().decode() if self._process.stderr else ""
                 raise RuntimeError(f"redis-server exited: {err.strip()[-300:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self.url
-            except OSError:
-                time.sleep(0.02)
+            if self._serves_us():
+                return self.url
+            time.sleep(0.02)
         self.stop_sync()
         raise RuntimeError("redis-server did not start in time")
+
+    def _serves_us(self) -> bool:
+        """The port answers, and it is our child answering (not a server that took the port
+        between choosing it and binding it)."""
+        assert self._process is not None
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    reply += data
+                    if b"\r\n\r\n" in reply or len(reply) > 8192:
+                        break
+        except OSError:
+            return False
+        match = re.search(rb"process_id:(\d+)", reply)
+        if match and int(match[1]) != self._process.pid:
+            raise PortTaken(f"port {self.port} is taken by another redis-server")
+        return match is not None
 
     async def start(self) -> str:
         return await asyncio.to_thread(self.start_sync)

@@ -82,6 +82,10 @@ class NoModelAvailable(ParleyError):
     """No model was chosen and no backend lists any."""
 
 
+class ThreadBusy(ParleyError):
+    """An earlier message in the same thread is still being answered (past the wait limit)."""
+
+
 class StateUnavailable(ParleyError):
     """Redis could not be reached."""
 
@@ -150,6 +154,8 @@ def describe(error: BaseException) -> str:
             )
         case NoModelAvailable():
             return "No model is available: no backend lists any model. Ask an operator."
+        case ThreadBusy():
+            return "I'm still answering an earlier message here. Try again when it's done."
         case StateUnavailable():
             return "Parley's memory store (Redis) is unavailable right now. Try again shortly."
         case _:

@@ -11,11 +11,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.client import Pipeline
 
 from bot.errors import UserRateLimited
 from bot.settings import RateLimit
@@ -32,6 +35,13 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, math.ceil((tonumber(oldest[2]) - tonumber(ARGV[1])) * 1000))
 """
+
+
+@dataclass
+class InFlightSlot:
+    name: str
+    member: str
+    held: bool = False
 
 
 class Limiter:
@@ -65,22 +75,39 @@ class Limiter:
         stats = await self.window.get_window_stats(self.rate, platform, user_id)
         raise UserRateLimited(max(1.0, stats.reset_time - time.time()))
 
+    async def queue_in_flight(self, pipe: Pipeline, platform: str, user_id: str) -> InFlightSlot:
+        """Ask for one of the user's K generation slots as part of a pipeline."""
+        slot = InFlightSlot(f"{self.prefix}busy:{{{platform}:{user_id}}}", uuid.uuid4().hex)
+        now = time.time()
+        await self._acquire(  # queued: a pipeline answers on execute()
+            keys=[slot.name],
+            args=[now, now + self.in_flight_ttl, slot.member, self.max_in_flight],
+            client=pipe,
+        )
+        return slot
+
+    def admitted(self, slot: InFlightSlot, answer: Any) -> None:
+        """Read the pipeline's answer; raise UserRateLimited when all K slots are taken."""
+        if int(answer):
+            # the oldest generation usually finishes well before its expiry: say so gently
+            raise UserRateLimited(min(int(answer) / 1000, 30.0), in_flight=True)
+        slot.held = True
+
+    def queue_release(self, pipe: Pipeline, slot: InFlightSlot) -> None:
+        if slot.held:
+            pipe.zrem(slot.name, slot.member)
+
     @asynccontextmanager
     async def in_flight(self, platform: str, user_id: str) -> AsyncIterator[None]:
         """Hold one of the user's K generation slots for the duration of the block."""
-        name = f"{self.prefix}busy:{{{platform}:{user_id}}}"
-        member = uuid.uuid4().hex
-        now = time.time()
-        wait_ms = await self._acquire(
-            keys=[name], args=[now, now + self.in_flight_ttl, member, self.max_in_flight]
-        )
-        if int(wait_ms):
-            # the oldest generation will usually finish well before its expiry; say so gently
-            raise UserRateLimited(min(int(wait_ms) / 1000, 30.0), in_flight=True)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            slot = await self.queue_in_flight(pipe, platform, user_id)
+            (answer,) = await pipe.execute()
+        self.admitted(slot, answer)
         try:
             yield
         finally:
-            await self.redis.zrem(name, member)
+            await self.redis.zrem(slot.name, slot.member)
 
     async def budget_wait(self, name: str, count: int, seconds: int) -> float:
         """Take a slot of a budget shared by all streams and replicas; else seconds to wait."""

@@ -138,6 +138,7 @@ class Router:
 
     async def find(self, model: str) -> str | None:
         """The catalog's spelling of `model`, if any backend serves it (or it names one)."""
+        await self.catalog()  # `backend/model` skips it in candidates(), but is checked here
         candidates = await self.candidates(model)
         for backend, name in candidates:
             if any(same_model(name, m) for m in self._models.get(backend.name, [])):

@@ -33,10 +33,14 @@ def parse_ollama_host(value: str | None) -> str:
     if not raw:
         return f"http://127.0.0.1:{DEFAULT_OLLAMA_PORT}"
     scheme = "http"
+    default_port = DEFAULT_OLLAMA_PORT
     if "://" in raw:
         scheme, raw = raw.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {scheme!r} (use http or https)")
+        default_port = 80 if scheme == "http" else 443
     host_port, _, path = raw.partition("/")
-    default_port = {"http": 80, "https": 443}[scheme] if "://" in (value or "") else 11434
     if host_port.startswith("["):  # IPv6 literal
         end = host_port.find("]")
         host, rest = host_port[1:end], host_port[end + 1 :]
@@ -45,8 +49,6 @@ def parse_ollama_host(value: str | None) -> str:
         host, port = host_port.split(":")
     else:
         host, port = host_port, ""
-    if scheme not in ("http", "https"):
-        raise ValueError(f"unsupported scheme {scheme!r}")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     port_number = int(port) if port else default_port
     shown = f"[{host}]" if ":" in host else host
@@ -219,7 +221,14 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         names = [b.name for b in self.backends]
         if len(names) != len(set(names)):
-            raise ValueError("backend names must be unique")
+            raise ValueError("PARLEY_BACKENDS: backend names must be unique")
+        if self.discord_shard_ids:
+            if self.discord_shard_count is None:
+                raise ValueError("PARLEY_DISCORD_SHARD_IDS: needs PARLEY_DISCORD_SHARD_COUNT")
+            if max(self.discord_shard_ids) >= self.discord_shard_count:
+                raise ValueError(
+                    "PARLEY_DISCORD_SHARD_IDS: every id must be below PARLEY_DISCORD_SHARD_COUNT"
+                )
         if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
             raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
         return self

@@ -10,16 +10,28 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import LockError, RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
+from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
+
+# Delete a lock only if it still holds our token (it may have expired and been taken since).
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +86,15 @@ class State:
         history_max: int = 50,
         history_ttl: float = 30 * 86400,
         dedup_ttl: int = 600,
+        history_fetch: int = 100,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.history_max = history_max
-        self.history_ttl = int(history_ttl)
+        self.history_ttl = max(1, math.ceil(history_ttl))  # EXPIRE 0 would delete the key
         self.dedup_ttl = dedup_ttl
+        self.history_fetch = min(history_fetch, history_max)  # newest N read per turn
+        self._release = redis.register_script(RELEASE_LOCK)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -93,17 +108,23 @@ class State:
 
     # --- history ---
     async def history(self, key: ConversationKey) -> list[HistoryEntry]:
-        raw = await self.redis.lrange(self.history_key(key), 0, -1)
-        return [e for e in map(HistoryEntry.from_json, map(_text, raw)) if e is not None]
+        """The thread's newest messages (at most `history_fetch`: cost stays flat as it grows)."""
+        raw = await self.redis.lrange(self.history_key(key), -self.history_fetch, -1)
+        return _entries(raw)
 
     async def append(self, key: ConversationKey, *entries: HistoryEntry) -> None:
         """Append, trim to the newest N and refresh the TTL, atomically."""
-        name = self.history_key(key)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(name, *(e.to_json() for e in entries))
-            pipe.ltrim(name, -self.history_max, -1)
-            pipe.expire(name, self.history_ttl)
+            self._queue_append(pipe, key, entries)
             await pipe.execute()
+
+    def _queue_append(
+        self, pipe: Pipeline, key: ConversationKey, entries: Sequence[HistoryEntry]
+    ) -> None:
+        name = self.history_key(key)
+        pipe.rpush(name, *(e.to_json() for e in entries))
+        pipe.ltrim(name, -self.history_max, -1)
+        pipe.expire(name, self.history_ttl)
 
     async def is_active(self, key: ConversationKey) -> bool:
         return bool(await self.redis.exists(self.history_key(key)))
@@ -113,10 +134,7 @@ class State:
 
     # --- preferences ---
     async def preferences(self, key: ConversationKey) -> Preferences:
-        data = {
-            _text(k): _text(v) for k, v in (await self.redis.hgetall(self.pref_key(key))).items()
-        }
-        return Preferences(model=data.get("model"), system_prompt=data.get("system_prompt"))
+        return _preferences(await self.redis.hgetall(self.pref_key(key)))
 
     async def set_preference(self, key: ConversationKey, field: str, value: str | None) -> None:
         if value is None:
@@ -129,18 +147,18 @@ class State:
         """True exactly once per event id across every replica (SET NX EX)."""
         if not event_id:
             return True
-        name = f"{self.prefix}seen:{platform}:{event_id}"
-        return bool(await self.redis.set(name, "1", nx=True, ex=self.dedup_ttl))
+        return bool(
+            await self.redis.set(
+                self._seen_key(platform, event_id), "1", nx=True, ex=self.dedup_ttl
+            )
+        )
+
+    def _seen_key(self, platform: str, event_id: str) -> str:
+        return f"{self.prefix}seen:{platform}:{event_id or uuid.uuid4().hex}"
 
     # --- replies in flight (for the Stop button, on whichever replica it is pressed) ---
     def _turn_key(self, token: str) -> str:
         return f"{self.prefix}turn:{token}"
-
-    async def claim_turn(self, token: str, user_id: str, ttl: float) -> None:
-        await self.redis.set(self._turn_key(token), user_id, ex=max(1, int(ttl)))
-
-    async def release_turn(self, token: str) -> None:
-        await self.redis.delete(self._turn_key(token))
 
     async def turn_owner(self, token: str) -> str | None:
         owner = await self.redis.get(self._turn_key(token))
@@ -169,24 +187,96 @@ class State:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    # --- per-thread lock ---
+    # --- a turn's start and finish: one round trip each ---
+    def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
+        """De-dup, thread lock, Stop-button owner, history and preferences, in one pipeline.
+
+        Read the answers with `started()`; every step is undone by `queue_finish()`.
+        """
+        key = start.key
+        pipe.set(self._seen_key(key.platform, start.event_id), "1", nx=True, ex=self.dedup_ttl)
+        pipe.set(self.lock_key(key), start.lock_token, nx=True, px=start.expire_ms)
+        pipe.set(self._turn_key(start.token), start.owner, nx=True, px=start.expire_ms)
+        pipe.lrange(self.history_key(key), -self.history_fetch, -1)
+        pipe.hgetall(self.pref_key(key))
+
+    def started(self, start: TurnStart, answers: Sequence[Any]) -> None:
+        fresh, locked, claimed, history, prefs = answers
+        start.fresh, start.locked, start.claimed = bool(fresh), bool(locked), bool(claimed)
+        start.history, start.prefs = _entries(history), _preferences(prefs)
+
+    async def wait_for_thread(
+        self, start: TurnStart, *, poll: float = 0.05, wait: float | None = None
+    ) -> None:
+        """The thread was busy: wait for its lock, then read the context the turn follows."""
+        deadline = time.monotonic() + (start.expire_ms / 1000 if wait is None else wait)
+        name = self.lock_key(start.key)
+        while not await self.redis.set(name, start.lock_token, nx=True, px=start.expire_ms):
+            if time.monotonic() > deadline:
+                raise ThreadBusy()  # not TimeoutError: that is an OSError, read as "Redis down"
+            await asyncio.sleep(poll)
+        start.locked = True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.history_key(start.key), -self.history_fetch, -1)
+            pipe.hgetall(self.pref_key(start.key))
+            history, prefs = await pipe.execute()
+        start.history, start.prefs = _entries(history), _preferences(prefs)
+
+    async def queue_finish(
+        self, pipe: Pipeline, start: TurnStart, entries: Sequence[HistoryEntry] = ()
+    ) -> None:
+        """Save the exchange and let go of the thread and the Stop-button owner."""
+        if entries:
+            self._queue_append(pipe, start.key, entries)
+        if start.locked:
+            await self._release(  # queued: a pipeline answers on execute()
+                keys=[self.lock_key(start.key)], args=[start.lock_token], client=pipe
+            )
+        if start.claimed:
+            pipe.delete(self._turn_key(start.token))
+
     @asynccontextmanager
-    async def thread_lock(self, key: ConversationKey, *, expire: float) -> AsyncIterator[None]:
+    async def thread_lock(
+        self, key: ConversationKey, *, expire: float, wait: float | None = None
+    ) -> AsyncIterator[None]:
         """Two messages in one thread run one after the other, on any replica.
 
         The lock expires after `expire` seconds so a crashed replica never blocks a thread for
-        good; a second message waits at most that long for the first to finish.
+        good; a second message waits at most that long (or `wait`) for the first to finish,
+        then ThreadBusy.
         """
-        lock = self.redis.lock(
-            self.lock_key(key), timeout=expire, blocking_timeout=expire, sleep=0.05
-        )
-        if not await lock.acquire():
-            raise TimeoutError("thread is busy")
+        start = TurnStart(key=key, event_id="", token="", owner="", expire_ms=int(expire * 1000))
+        await self.wait_for_thread(start, wait=wait)
         try:
             yield
         finally:
-            with contextlib.suppress(LockError):  # expired while we worked: the next went ahead
-                await lock.release()
+            await self._release(keys=[self.lock_key(key)], args=[start.lock_token])
+
+
+@dataclass
+class TurnStart:
+    """What a turn holds in Redis while it runs, and what its first round trip read."""
+
+    key: ConversationKey
+    event_id: str
+    token: str  # the Stop button's token
+    owner: str  # who may press Stop
+    expire_ms: int  # locks and claims lapse by themselves after this
+    lock_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    fresh: bool = False
+    locked: bool = False
+    claimed: bool = False
+    history: list[HistoryEntry] = field(default_factory=list)
+    prefs: Preferences = field(default_factory=lambda: Preferences())
+
+
+def _entries(raw: Sequence[bytes | str]) -> list[HistoryEntry]:
+    return [e for e in map(HistoryEntry.from_json, map(_text, raw)) if e is not None]
+
+
+def _preferences(raw: dict[Any, Any]) -> Preferences:
+    data = {_text(k): _text(v) for k, v in raw.items()}
+    return Preferences(model=data.get("model"), system_prompt=data.get("system_prompt"))
 
 
 def _text(value: bytes | str) -> str:

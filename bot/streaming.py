@@ -185,6 +185,7 @@ class Renderer:
     _finishing: asyncio.Event = field(default_factory=asyncio.Event)
     _writer: asyncio.Task[None] | None = None
     _waiting: asyncio.Task[None] | None = None
+    _final: asyncio.Future[RenderResult] | None = None
 
     @property
     def limit(self) -> int:
@@ -215,7 +216,16 @@ class Renderer:
     async def finish(
         self, status: Status, notice: str | None = None, footer: str | None = None
     ) -> RenderResult:
-        """Bring the reply to its final state: the full text, plus a notice or footer."""
+        """Bring the reply to its final state: the full text, plus a notice or footer.
+
+        The first call decides; it runs to the end even if its caller is cancelled meanwhile
+        (a later call, e.g. "stopped" on shutdown, gets the same result instead of a second one).
+        """
+        if self._final is None:
+            self._final = asyncio.ensure_future(self._finish(status, notice, footer))
+        return await asyncio.shield(self._final)
+
+    async def _finish(self, status: Status, notice: str | None, footer: str | None) -> RenderResult:
         self._finishing.set()
         for task in (self._waiting, self._writer):
             if task is not None:
@@ -282,9 +292,10 @@ class Renderer:
             opening = PLACEHOLDER if final else in_progress(rest[: self.limit])
             ref = await self._call_post(opening)
             self._pages.append(_Page(ref, opening))
-            body = rest
-            if not final:
-                self._body = rest
+            if final:
+                body = rest
+            else:  # chunks fed while this page was finished and the next posted follow rest
+                self._body = body = rest + self._body[len(body) :]
         shown = body if final else in_progress(body)
         await self._show(self._pages[-1], shown, final=final)
 

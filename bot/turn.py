@@ -30,7 +30,8 @@ class Turn:
     user_name: str  # for multi-person threads: the model sees who said what
     text: str  # bot mention stripped, platform markup normalised
     event_id: str  # for de-duplication across retries and replicas
-    is_admin: bool = False  # may switch models where switching is restricted, may stop any reply
+    is_admin: bool = False  # may stop anyone's reply
+    may_switch_model: bool = True  # False where the platform's rules restrict `model <name>`
 
 
 @dataclass(frozen=True)

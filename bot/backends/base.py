@@ -14,6 +14,7 @@ from bot.errors import (
     BackendBadRequest,
     BackendBusy,
     BackendError,
+    BackendTimeout,
     BackendUnauthorized,
     BackendUnreachable,
     BackendUsageLimit,
@@ -141,5 +142,7 @@ def status_error(
             return BackendError(backend, f"HTTP {status}: {message}")
 
 
-def transport_error(backend: str, error: httpx.TransportError) -> BackendUnreachable:
+def transport_error(backend: str, error: httpx.TransportError) -> BackendError:
+    if isinstance(error, httpx.ReadTimeout):  # no status line yet: the model is still loading
+        return BackendTimeout(backend, "no answer in time")
     return BackendUnreachable(backend, type(error).__name__)

@@ -1,0 +1,638 @@
+"""Discord on discord.py: gateway events become Turns, and a ReplySink posts and edits replies.
+
+Decisions (who may talk, which conversation, what the model reads) are in `discord_logic`;
+everything about answering is the core's. This module only translates, and keeps Discord safe:
+no send or edit can ping anyone, edits stay within a per-channel budget shared by every stream
+and replica, and rate limits are waited out, never retried blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import discord
+import redis.asyncio as aioredis
+import yarl
+from discord import app_commands
+
+from adapters.discord_logic import (
+    CHOICE_CHARS,
+    CONTENT_WITHHELD,
+    MAX_CHARS,
+    NOT_ALLOWED,
+    Access,
+    Place,
+    content_withheld,
+    conversation_key,
+    may_switch_model,
+    may_use,
+    model_switch_refusal,
+    rank_models,
+    thread_name,
+    to_model_text,
+)
+from bot.app import Parley
+from bot.commands import CommandReply, parse_text_command
+from bot.errors import describe
+from bot.ratelimit import Limiter
+from bot.streaming import split_message
+from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
+
+log = logging.getLogger(__name__)
+
+# Every send and edit carries this: nobody is pinged, not even the person replied to, whatever
+# the model writes (`@everyone`, `<@id>`, `<@&role>`).
+NO_PINGS = discord.AllowedMentions.none()
+
+# Edits per channel per window, shared by every reply streaming in that channel on every replica
+# (Redis moving window). Discord no longer documents the edit limit; in practice a channel takes
+# about one edit a second, in short bursts. Five per five seconds keeps the long-run rate at one
+# a second while a burst of five lets a reply's final edit (and a page split) go out at once.
+# discord.py still honours each bucket's X-RateLimit-* headers and 429s on top of this.
+EDIT_BUDGET = (5, 5)
+# Rate limits longer than this surface as discord.RateLimited (→ PlatformRateLimited) instead
+# of discord.py sleeping inside the call; discord.py's minimum.
+MAX_RATELIMIT_WAIT = 30.0
+DEFER_AFTER = 1.0  # seconds: slower slash commands are deferred (Discord allows 3)
+AUTOCOMPLETE_TIMEOUT = 2.5  # Discord discards autocomplete answers after 3 s
+STOP_GRACE = 10.0  # seconds in-flight replies get to reach their final state on stop
+WITHHELD_NOTICE_EVERY = 600.0  # seconds between "content withheld" notices per channel
+
+Channel = (
+    discord.TextChannel
+    | discord.Thread
+    | discord.DMChannel
+    | discord.VoiceChannel
+    | discord.StageChannel
+    | discord.PartialMessageable
+)
+
+
+class ReplyChains:
+    """Which conversation a channel message belongs to (its reply chain's root), in Redis.
+
+    Recorded for every message of a conversation, so a reply to any of them — even a later page
+    of a long answer — continues that conversation; it expires with the history it points to.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = ttl
+
+    def _name(self, message_id: int) -> str:
+        return f"{self.prefix}discord:root:{message_id}"
+
+    async def root_of(self, message_id: int) -> int | None:
+        value = await self.redis.get(self._name(message_id))
+        return int(value) if value else None
+
+    async def remember(self, root: int, *message_ids: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id in message_ids:
+                pipe.set(self._name(message_id), str(root), ex=self.ttl)
+            await pipe.execute()
+
+
+def _place(channel: Any, guild_id: int | None) -> Place:
+    if isinstance(channel, discord.Thread):
+        return Place(guild_id, channel.id, channel.parent_id)
+    return Place(guild_id, channel.id)
+
+
+def _role_ids(user: discord.abc.User) -> list[int]:
+    return [role.id for role in user.roles] if isinstance(user, discord.Member) else []
+
+
+def _is_admin(user: discord.abc.User) -> bool:
+    return isinstance(user, discord.Member) and user.guild_permissions.administrator
+
+
+def _may_reply(channel: Channel) -> bool:
+    """Whether the bot may post a reply here (from the cached roles and overwrites)."""
+    if isinstance(channel, discord.DMChannel | discord.PartialMessageable):
+        return True  # nothing cached to tell: try
+    permissions = channel.permissions_for(channel.guild.me)
+    may_send = (
+        permissions.send_messages_in_threads
+        if isinstance(channel, discord.Thread)
+        else permissions.send_messages
+    )
+    return may_send and permissions.read_message_history  # replies need the history
+
+
+async def _send(
+    channel: Channel, text: str, *, reply_to: discord.Message | None
+) -> discord.Message:
+    """One message that pings nobody, as a reply when there is something to reply to."""
+    if reply_to is None:
+        return await channel.send(text, allowed_mentions=NO_PINGS)
+    return await channel.send(
+        text,
+        reference=reply_to.to_reference(fail_if_not_exists=False),
+        allowed_mentions=NO_PINGS,
+        mention_author=False,
+    )
+
+
+@dataclass
+class DiscordSink:
+    """Posts and edits one reply in one channel or thread (see bot.turn.ReplySink)."""
+
+    channel: Channel
+    limiter: Limiter
+    min_edit_interval: float
+    reply_to: discord.Message | None  # the question; the first page replies to it
+    chains: ReplyChains | None = None  # set in channels, where reply chains are conversations
+    root: int = 0
+    edit_budget: tuple[int, int] = EDIT_BUDGET
+    max_chars: int = MAX_CHARS
+    _last: discord.Message | None = None
+    _typing: bool = True
+
+    async def post(self, text: str) -> MessageRef:
+        # later pages reply to the page before, so the reply reads as one chain
+        try:
+            sent = await _send(self.channel, text, reply_to=self._last or self.reply_to)
+        except discord.RateLimited as e:
+            raise PlatformRateLimited(e.retry_after) from e
+        self._last = sent
+        if self.chains is not None:
+            await self.chains.remember(self.root, sent.id)
+        return MessageRef(str(sent.id), str(self.channel.id))
+
+    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
+        count, seconds = self.edit_budget
+        wait = await self.limiter.budget_wait(f"discord:edit:{ref.channel}", count, seconds)
+        if wait > 0:
+            raise PlatformRateLimited(wait)
+        message = self.channel.get_partial_message(int(ref.id))
+        try:
+            await message.edit(content=text, allowed_mentions=NO_PINGS)
+        except discord.RateLimited as e:
+            raise PlatformRateLimited(e.retry_after) from e
+
+    async def notify(self, text: str) -> None:
+        # Discord has no ephemeral reply to a message: answer the asker, pinging nobody
+        try:
+            await _send(self.channel, text, reply_to=self.reply_to)
+        except discord.HTTPException as e:
+            log.warning("could not send a notice in channel %s: %s", self.channel.id, e)
+
+    async def show_waiting(self, state: str) -> None:
+        if not self._typing:
+            return
+        try:
+            await self.channel.typing()  # one indicator, ~10 s; the core repeats it
+        except discord.Forbidden:
+            self._typing = False  # never repeat a request Discord refuses
+
+
+@dataclass
+class _Connection:
+    client: discord.Client
+    task: asyncio.Task[None]  # client.connect(): runs until closed
+
+
+class DiscordAdapter:
+    """Runs one discord.py client (sharded when configured) on top of the core."""
+
+    name = "discord"
+
+    def __init__(
+        self,
+        parley: Parley,
+        *,
+        guild_ready_timeout: float = 2.0,
+        edit_budget: tuple[int, int] = EDIT_BUDGET,
+    ) -> None:
+        settings = parley.settings
+        if settings.discord_token is None:
+            raise ValueError("PARLEY_DISCORD_TOKEN is not set")
+        if settings.discord_shard_ids:
+            if settings.discord_shard_count is None:
+                raise ValueError("PARLEY_DISCORD_SHARD_IDS needs PARLEY_DISCORD_SHARD_COUNT")
+            if any(not 0 <= i < settings.discord_shard_count for i in settings.discord_shard_ids):
+                raise ValueError(
+                    "PARLEY_DISCORD_SHARD_IDS must be below PARLEY_DISCORD_SHARD_COUNT"
+                )
+        self.parley = parley
+        self.settings = settings
+        self.access = Access.from_settings(settings)
+        self.chains = ReplyChains(
+            parley.redis,
+            prefix=settings.redis_prefix,
+            ttl=int(settings.history_ttl_days * 86400),
+        )
+        self.guild_ready_timeout = guild_ready_timeout
+        self.edit_budget = edit_budget
+        self.message_content = True  # False once Discord refused the intent
+        self._connection: _Connection | None = None
+        self._turns: set[asyncio.Task[Any]] = set()
+        self._withheld_told: dict[int, float] = {}
+
+    @property
+    def client(self) -> discord.Client:
+        if self._connection is None:
+            raise RuntimeError("the Discord adapter is not started")
+        return self._connection.client
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Log in, sync slash commands, connect; return once the gateway is ready."""
+        if self.settings.discord_api_url:
+            discord.http.Route.BASE = self.settings.discord_api_url.rstrip("/")
+        if self.settings.discord_gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(
+                self.settings.discord_gateway_url
+            )
+        try:
+            await self._connect(sync_commands=True)
+        except discord.PrivilegedIntentsRequired:
+            log.error(
+                "Discord refused the Message Content intent: it is not enabled for this bot in "
+                "the developer portal (Bot → Privileged Gateway Intents → Message Content "
+                "Intent). Connecting without it: Parley reads DMs and messages that mention it, "
+                "but replies and thread follow-ups without a mention arrive empty."
+            )
+            self.message_content = False
+            await self._connect(sync_commands=False)
+        client = self.client
+        log.info(
+            "Discord: connected as %s (%s) to %d guild(s)",
+            client.user,
+            client.user.id if client.user else "?",
+            len(client.guilds),
+        )
+        flags = client.application_flags
+        if self.message_content and not (
+            flags.gateway_message_content or flags.gateway_message_content_limited
+        ):
+            log.warning(
+                "Discord does not list the Message Content intent as enabled for this "
+                "application: messages may arrive without their text. Enable it in the developer "
+                "portal (Bot → Privileged Gateway Intents)."
+            )
+
+    async def stop(self) -> None:
+        """Finish in-flight replies as stopped, then disconnect."""
+        turns = [t for t in self._turns if not t.done()]
+        for task in turns:
+            task.cancel()
+        if turns:
+            await asyncio.wait(turns, timeout=STOP_GRACE)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.client.close()
+            await asyncio.gather(connection.task, return_exceptions=True)
+
+    async def _connect(self, *, sync_commands: bool) -> None:
+        client, tree = self._build_client()
+        ready = asyncio.Event()
+
+        @client.event
+        async def on_ready() -> None:
+            ready.set()
+
+        assert self.settings.discord_token is not None
+        try:
+            await client.login(self.settings.discord_token.get_secret_value())
+            if sync_commands:
+                await self._sync_commands(tree)
+            connection = _Connection(client, asyncio.create_task(client.connect()))
+            self._connection = connection
+            waiting = asyncio.create_task(ready.wait())
+            await asyncio.wait({connection.task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.is_set():
+                waiting.cancel()
+                connection.task.result()  # raises what ended the connection
+                raise ConnectionError("the Discord gateway closed before it was ready")
+        except BaseException:
+            self._connection = None
+            await client.close()
+            raise
+        connection.task.add_done_callback(_connection_ended)
+
+    def _build_client(self) -> tuple[discord.Client, app_commands.CommandTree[discord.Client]]:
+        # Parley never joins voice: spare operators discord.py's warnings about voice libraries
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        intents = discord.Intents.none()
+        intents.guilds = True  # channels, threads and roles, for permissions and names
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = self.message_content
+        options: dict[str, Any] = {
+            "intents": intents,
+            "allowed_mentions": NO_PINGS,
+            "max_ratelimit_timeout": MAX_RATELIMIT_WAIT,
+            "guild_ready_timeout": self.guild_ready_timeout,
+            "chunk_guilds_at_startup": False,
+        }
+        client: discord.Client
+        if self.settings.discord_shard_count is None:
+            client = discord.Client(**options)
+        else:  # several shards in this process, or this process's share of them
+            if self.settings.discord_shard_ids:
+                options["shard_ids"] = self.settings.discord_shard_ids
+            client = discord.AutoShardedClient(
+                shard_count=self.settings.discord_shard_count, **options
+            )
+
+        @client.event
+        async def on_message(message: discord.Message) -> None:
+            await self._tracked(self._on_message(message))
+
+        return client, self._command_tree(client)
+
+    async def _tracked(self, work: Awaitable[None]) -> None:
+        """Run a turn so that stop() can finish it as stopped."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._turns.add(task)
+        try:
+            await work
+        finally:
+            self._turns.discard(task)
+
+    # --- messages ---
+
+    async def _on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        author, channel = message.author, message.channel
+        if me is None or author.bot or author.id == me.id:  # bots, webhooks and ourselves
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # joins, pins, thread-created notices…
+        if isinstance(channel, discord.GroupChannel):
+            return  # bots are never in group DMs
+        place = _place(channel, message.guild.id if message.guild else None)
+        if not may_use(self.access, place, user_id=author.id, role_ids=_role_ids(author)):
+            return
+        key = await self._addressed(message, place, me.id)
+        if key is None:
+            return
+        if not _may_reply(channel):
+            log.warning("mentioned in channel %s, where Parley may not reply", channel.id)
+            return  # a refused request counts towards Discord's invalid-request ban
+        if content_withheld(
+            message.content,
+            attachments=len(message.attachments),
+            embeds=len(message.embeds),
+            stickers=len(message.stickers),
+            has_poll=message.poll is not None,
+        ):
+            await self._tell_content_withheld(channel, message)
+            return
+        text = to_model_text(
+            message.content,
+            bot_id=me.id,
+            bot_name=me.display_name,
+            users={user.id: user.display_name for user in message.mentions},
+            roles={role.id: role.name for role in message.role_mentions},
+            channels={c.id: c.name for c in message.channel_mentions},
+        )
+        sink = DiscordSink(
+            channel,
+            self.parley.limiter,
+            self.settings.edit_interval,
+            reply_to=message,
+            edit_budget=self.edit_budget,
+        )
+        command = parse_text_command(text)
+        if not place.is_dm and not place.is_thread:
+            if (
+                self.settings.discord_use_threads
+                and command is None
+                and isinstance(channel, discord.TextChannel)
+                and key.thread == str(message.id)  # a new conversation, not a reply chain's
+            ):
+                thread = await self._open_thread(message, text)
+                if thread is not None:
+                    key = conversation_key(_place(thread, place.guild_id))
+                    sink.channel, sink.reply_to = thread, None
+            if sink.channel is channel:
+                sink.chains, sink.root = self.chains, int(key.thread)
+                await self.chains.remember(sink.root, message.id)
+        turn = Turn(
+            key=key,
+            user_id=str(author.id),
+            user_name=author.display_name,
+            text=text,
+            event_id=str(message.id),
+            is_admin=_is_admin(author),
+            may_switch_model=may_switch_model(
+                self.access, place, is_admin=_is_admin(author), role_ids=_role_ids(author)
+            ),
+        )
+        await self.parley.conversation.handle(turn, sink)
+
+    async def _addressed(
+        self, message: discord.Message, place: Place, me: int
+    ) -> ConversationKey | None:
+        """The conversation this message continues or starts, if it is meant for the bot.
+
+        A mention (of the bot itself: not @everyone, not a role), a reply to one of the bot's
+        messages, any DM, and any message in a thread the bot started or has answered in.
+        """
+        mentioned = any(user.id == me for user in message.mentions)
+        resolved = message.reference.resolved if message.reference else None
+        replied_to = (
+            resolved if isinstance(resolved, discord.Message) and resolved.author.id == me else None
+        )
+        if place.is_dm:
+            return conversation_key(place)
+        if place.is_thread:
+            key = conversation_key(place)
+            thread = message.channel
+            if (
+                mentioned
+                or replied_to
+                or (isinstance(thread, discord.Thread) and thread.owner_id == me)
+            ):
+                return key
+            return key if await self.parley.conversation.is_active(key) else None
+        if not (mentioned or replied_to):
+            return None
+        return conversation_key(place, root_id=await self._root(message, replied_to))
+
+    async def _root(self, message: discord.Message, replied_to: discord.Message | None) -> int:
+        """The root of the reply chain: a reply continues the conversation it answers."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return message.id
+        known = await self.chains.root_of(reference.message_id)
+        if known is not None:
+            return known
+        if replied_to is not None:  # older than our record: start at what that message answered
+            above = replied_to.reference
+            return above.message_id if above and above.message_id else replied_to.id
+        return message.id  # a mention in reply to someone else starts its own conversation
+
+    async def _open_thread(self, message: discord.Message, text: str) -> discord.Thread | None:
+        try:
+            return await message.create_thread(name=thread_name(text))
+        except discord.HTTPException as e:  # no permission, a forum, a thread already there…
+            log.warning(
+                "could not open a thread in channel %s (%s); replying instead",
+                message.channel.id,
+                e,
+            )
+            return None
+
+    async def _tell_content_withheld(self, channel: Channel, message: discord.Message) -> None:
+        """Say why there is no answer, once in a while per channel (in the log and the chat)."""
+        now = time.monotonic()
+        told = self._withheld_told.get(channel.id)
+        if told is not None and now - told < WITHHELD_NOTICE_EVERY:
+            return
+        self._withheld_told[channel.id] = now
+        log.warning(
+            "a message to Parley in channel %s arrived without its text: the Message Content "
+            "intent is not enabled for this bot in the Discord developer portal",
+            channel.id,
+        )
+        try:
+            await _send(channel, CONTENT_WITHHELD, reply_to=message)
+        except discord.HTTPException as e:
+            log.warning("could not say so in channel %s: %s", channel.id, e)
+
+    # --- slash commands ---
+
+    def _command_tree(self, client: discord.Client) -> app_commands.CommandTree[discord.Client]:
+        tree: app_commands.CommandTree[discord.Client] = app_commands.CommandTree(client)
+
+        @tree.command(name="model", description="Show this channel's model, or switch it")
+        @app_commands.describe(name="The model to switch to (`default` goes back)")
+        async def model(
+            interaction: discord.Interaction[discord.Client], name: str | None = None
+        ) -> None:
+            await self._tracked(self._slash(interaction, "model", name or ""))
+
+        @model.autocomplete("name")
+        async def model_choices(
+            interaction: discord.Interaction[discord.Client], current: str
+        ) -> list[app_commands.Choice[str]]:
+            return await self._model_choices(interaction, current)
+
+        @tree.command(name="reset", description="Forget this thread's conversation")
+        async def reset(interaction: discord.Interaction[discord.Client]) -> None:
+            await self._tracked(self._slash(interaction, "reset", ""))
+
+        @tree.command(name="help", description="What Parley does and how to use it")
+        async def help_(interaction: discord.Interaction[discord.Client]) -> None:
+            await self._tracked(self._slash(interaction, "help", ""))
+
+        return tree
+
+    async def _sync_commands(self, tree: app_commands.CommandTree[discord.Client]) -> None:
+        """Per guild when guild ids are configured (instant), else globally (propagates).
+
+        Only the process that runs shard 0 syncs, so several shard processes don't race.
+        """
+        settings = self.settings
+        if settings.discord_shard_ids and 0 not in settings.discord_shard_ids:
+            return
+        try:
+            if settings.discord_guild_ids:
+                for guild_id in settings.discord_guild_ids:
+                    guild = discord.Object(id=guild_id)
+                    tree.copy_global_to(guild=guild)
+                    await tree.sync(guild=guild)
+            else:
+                await tree.sync()
+        except discord.HTTPException as e:
+            log.error("could not sync Discord slash commands: %s", e)
+
+    def _interaction_place(self, interaction: discord.Interaction[discord.Client]) -> Place:
+        channel = interaction.channel
+        if channel is not None:
+            return _place(channel, interaction.guild_id)
+        return Place(interaction.guild_id, interaction.channel_id or 0)
+
+    async def _slash(
+        self, interaction: discord.Interaction[discord.Client], name: str, args: str
+    ) -> None:
+        user = interaction.user
+        place = self._interaction_place(interaction)
+        roles = _role_ids(user)
+        is_admin = interaction.permissions.administrator
+        if not may_use(self.access, place, user_id=user.id, role_ids=roles):
+            await self._answer(interaction, NOT_ALLOWED)
+            return
+        if (
+            name == "model"
+            and args
+            and not may_switch_model(self.access, place, is_admin=is_admin, role_ids=roles)
+        ):
+            await self._answer(interaction, model_switch_refusal(self.access))
+            return
+        turn = Turn(
+            key=conversation_key(place),
+            user_id=str(user.id),
+            user_name=user.display_name,
+            text="",
+            event_id="",
+            is_admin=is_admin,
+            may_switch_model=may_switch_model(
+                self.access, place, is_admin=is_admin, role_ids=roles
+            ),
+        )
+        await self._answer(interaction, self.parley.conversation.command(turn, name, args))
+
+    async def _answer(
+        self,
+        interaction: discord.Interaction[discord.Client],
+        reply: str | Awaitable[CommandReply],
+    ) -> None:
+        """Answer ephemerally; defer first if the core takes longer than DEFER_AFTER."""
+        if isinstance(reply, str):
+            text = reply
+        else:
+            work = asyncio.ensure_future(reply)
+            done, _ = await asyncio.wait({work}, timeout=DEFER_AFTER)
+            if not done:
+                await interaction.response.defer(ephemeral=True, thinking=True)
+            try:
+                text = (await work).text
+            except Exception as e:
+                log.exception("slash command failed")
+                text = describe(e)
+        first, *rest = split_message(text, MAX_CHARS)
+        if interaction.response.is_done():
+            await interaction.followup.send(first, ephemeral=True, allowed_mentions=NO_PINGS)
+        else:
+            await interaction.response.send_message(
+                first, ephemeral=True, allowed_mentions=NO_PINGS
+            )
+        for page in rest:
+            await interaction.followup.send(page, ephemeral=True, allowed_mentions=NO_PINGS)
+
+    async def _model_choices(
+        self, interaction: discord.Interaction[discord.Client], current: str
+    ) -> list[app_commands.Choice[str]]:
+        place = self._interaction_place(interaction)
+        user = interaction.user
+        if not may_use(self.access, place, user_id=user.id, role_ids=_role_ids(user)):
+            return []
+        try:
+            names = await asyncio.wait_for(
+                self.parley.conversation.model_names(), AUTOCOMPLETE_TIMEOUT
+            )
+        except Exception as e:  # an empty list beats no answer: Discord shows "loading failed"
+            log.warning("model autocomplete without a catalog: %r", e)
+            return []
+        return [
+            app_commands.Choice(name=n[:CHOICE_CHARS], value=n[:CHOICE_CHARS])
+            for n in rank_models(current, names)
+        ]
+
+
+def _connection_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the Discord connection ended: %r", task.exception())

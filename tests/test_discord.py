@@ -1,0 +1,561 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord and Ollama.
+
+Every test starts Parley (real Redis) and the adapter, talks to it through the fake gateway and
+asserts on what Discord would have received over REST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import discord
+import pytest
+from aiohttp import web
+
+from adapters.discord import DiscordAdapter
+from adapters.discord_logic import CONTENT_WITHHELD, MODEL_SWITCH_ADMINS, NOT_ALLOWED
+from bot.app import Parley
+from bot.settings import Settings
+from bot.turn import ConversationKey
+from tests.fakes.discord import MESSAGE_CONTENT_INTENT, SEND_MESSAGES, FakeDiscord, Recorded
+from tests.fakes.model_server import FakeModelServer, Script, word_pieces
+
+MESSAGES = r"/channels/\d+/messages"
+MESSAGE = r"/channels/\d+/messages/\d+"
+Json = dict[str, Any]
+
+
+@pytest.fixture(autouse=True)
+def restore_discord_endpoints() -> Iterator[None]:
+    """discord.py keeps its REST base and gateway URL on classes: put them back after a test."""
+    base = discord.http.Route.BASE
+    gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    yield
+    discord.http.Route.BASE = base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        yield server
+
+
+@pytest.fixture
+async def models() -> AsyncIterator[FakeModelServer]:
+    async with FakeModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def alice(fake: FakeDiscord) -> Json:
+    return fake.add_user("alice")
+
+
+def settings_for(redis_url: str, models_url: str, fake: FakeDiscord, **extra: Any) -> Settings:
+    return Settings(
+        _env_file=None,
+        redis_url=redis_url,
+        backends=[{"name": "local", "kind": "ollama", "url": models_url}],
+        edit_interval=0.05,
+        discord_token=fake.token,
+        discord_api_url=fake.api_url,
+        discord_gateway_url=fake.gateway_url,
+        **extra,
+    )
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings, *, edit_budget: tuple[int, int] = (100, 1)
+) -> AsyncIterator[DiscordAdapter]:
+    parley = await Parley.open(settings)
+    # no 2 s wait for more guilds; an edit budget that leaves fast test streams alone
+    adapter = DiscordAdapter(parley, guild_ready_timeout=0, edit_budget=edit_budget)
+    try:
+        await adapter.start()
+        yield adapter
+    finally:
+        await adapter.stop()
+        await parley.aclose()
+
+
+@pytest.fixture
+async def bot(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+) -> AsyncIterator[DiscordAdapter]:
+    async with running(settings_for(redis_url, models.url, fake)) as adapter:
+        yield adapter
+
+
+def mention(fake: FakeDiscord) -> str:
+    return f"<@{fake.bot['id']}>"
+
+
+def final(text: str) -> Any:
+    """A predicate: the bot has a message whose content is exactly `text`."""
+    return lambda f: next((m for m in f.bot_messages() if m["content"] == text), None)
+
+
+def replies_to(fake: FakeDiscord, message_id: str) -> list[Json]:
+    return [
+        m
+        for m in fake.bot_messages()
+        if (m.get("message_reference") or {}).get("message_id") == message_id
+    ]
+
+
+async def history_saved(adapter: DiscordAdapter, key: ConversationKey) -> None:
+    """Wait until the core has stored the conversation: it does so after the final edit, and
+    nothing of that reaches Discord, so there is no request to wait for."""
+    async with asyncio.timeout(5):
+        while not await adapter.parley.conversation.is_active(key):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def message_writes(fake: FakeDiscord) -> list[Recorded]:
+    """Every request that creates or edits a message's content."""
+    return [
+        r
+        for r in fake.requests
+        if r.status != 429
+        and (
+            (r.method == "POST" and re.fullmatch(MESSAGES, r.path))
+            or (r.method == "PATCH" and re.fullmatch(MESSAGE, r.path))
+            or (r.method == "POST" and r.path.endswith("/callback") and r.json["type"] == 4)
+            or r.path.startswith("/webhooks/")
+        )
+    ]
+
+
+# --- answering ------------------------------------------------------------------------------
+
+
+async def test_mention_is_answered_by_a_reply_streamed_through_edits(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    models.script(Script(tokens=["Hello", " there", ",", " Alice", "!"], delay=0.06))
+    asked = await fake.say(alice, f"{mention(fake)} hi there")
+
+    reply = await fake.wait_for(final("Hello there, Alice!"))
+
+    assert reply["message_reference"]["message_id"] == asked["id"]
+    assert reply["channel_id"] == fake.channel_id
+    edits = fake.calls("PATCH", f"/channels/{fake.channel_id}/messages/{reply['id']}")
+    assert len(edits) >= 2  # streamed, not posted whole
+    assert edits[-1].json["content"] == "Hello there, Alice!"
+    assert fake.calls("POST", f"/channels/{fake.channel_id}/typing")
+    assert models.chat_requests[0]["messages"][-1]["content"] == "hi there"  # mention stripped
+
+
+async def test_no_post_or_edit_can_ping_anyone_even_when_the_model_writes_everyone(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    bob = fake.add_user("bob")
+    answer = f"@everyone @here look <@{bob['id']}> <@&{fake.admin_role}> <@{alice['id']}>"
+    models.script(Script(tokens=word_pieces(answer), delay=0.03))
+    await fake.say(alice, f"{mention(fake)} ping everybody please")
+    await fake.wait_for(final(answer))
+    await fake.slash(alice, "help")
+    await fake.wait_for(lambda f: f.callbacks and all(f.callbacks.values()))
+
+    writes = message_writes(fake)
+    assert len(writes) >= 4
+    for request in writes:
+        body = request.json["data"] if request.path.endswith("/callback") else request.json
+        allowed = body["allowed_mentions"]
+        assert allowed["parse"] == [], request
+        assert not allowed.get("users") and not allowed.get("roles"), request
+        assert not allowed.get("replied_user"), request
+    for message in fake.bot_messages():  # what Discord worked out: nobody pinged
+        assert not message["mention_everyone"]
+        assert message["mentions"] == [] and message["mention_roles"] == []
+
+
+async def test_rate_limited_edit_is_waited_out_and_the_final_content_still_lands(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    fake.rate_limit("PATCH", MESSAGE, retry_after=0.3)
+    models.script(Script(tokens=["one", " two", " three", " four", " five"], delay=0.05))
+    await fake.say(alice, f"{mention(fake)} count")
+
+    await fake.wait_for(final("one two three four five"))
+
+    patches = fake.calls("PATCH", MESSAGE)
+    limited = [p for p in patches if p.status == 429]
+    assert len(limited) == 1
+    after = [p for p in patches if p.time > limited[0].time]
+    assert after, "the edit was never made again"
+    assert after[0].time - limited[0].time >= 0.3 - 0.02  # Retry-After honoured, not sooner
+    assert all(p.status == 200 for p in after)
+
+
+async def test_bucket_reported_empty_delays_the_next_edit(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    fake.exhaust("PATCH", MESSAGE, reset_after=0.3)
+    models.script(Script(tokens=["a", " b", " c", " d", " e", " f"], delay=0.05))
+    await fake.say(alice, f"{mention(fake)} letters")
+
+    await fake.wait_for(final("a b c d e f"))
+
+    patches = fake.calls("PATCH", MESSAGE)
+    assert len(patches) >= 2
+    assert patches[1].time - patches[0].time >= 0.3 - 0.02  # X-RateLimit-Remaining: 0 honoured
+
+
+async def test_long_reply_continues_in_follow_up_messages_within_2000_chars_with_fences_balanced(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    prose = " ".join(f"Sentence number {i} explains a little more." for i in range(40))
+    code = "\n".join(f"    print('line {i:03d} of a long example')" for i in range(60))
+    answer = f"{prose}\n\n```python\n{code}\n```\n\n{prose}"
+    assert len(answer) > 5000
+    pieces = [answer[i : i + 250] for i in range(0, len(answer), 250)]
+    models.script(Script(tokens=pieces, delay=0.01))
+    asked = await fake.say(alice, f"{mention(fake)} write a lot")
+
+    def done(f: FakeDiscord) -> bool:  # the last sentence shown twice, nothing in progress
+        contents = [m["content"] for m in f.bot_messages()]
+        shown = "\n".join(contents)
+        return shown.count("Sentence number 39 explains") == 2 and not any(
+            c.endswith("▍") or c == "…" for c in contents
+        )
+
+    await fake.wait_for(done)
+
+    messages = fake.bot_messages()
+    assert len(messages) >= 3
+    for message in messages:
+        assert len(message["content"]) <= 2000
+        assert message["content"].count("```") % 2 == 0, message["content"]
+    # one chain: the first page answers the question, each later page the one before
+    assert messages[0]["message_reference"]["message_id"] == asked["id"]
+    for before, after in itertools.pairwise(messages):
+        assert after["message_reference"]["message_id"] == before["id"]
+    shown = "\n".join(m["content"] for m in messages)
+    for i in range(60):
+        assert f"line {i:03d} of a long example" in shown  # nothing lost at the splits
+
+
+# --- conversations --------------------------------------------------------------------------
+
+
+async def test_follow_up_in_the_bots_thread_continues_the_history_without_a_mention(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    async with running(settings_for(redis_url, models.url, fake, discord_use_threads=True)):
+        models.script(Script(tokens=["Noted:", " 42."]), Script(tokens=["It", " was", " 42."]))
+        asked = await fake.say(alice, f"{mention(fake)} remember the number 42")
+        await fake.wait_for(final("Noted: 42."))
+
+        thread_id = asked["id"]  # a thread started from a message has the message's id
+        assert fake.channels[thread_id]["name"] == "remember the number 42"
+        assert fake.bot_messages(thread_id)[0]["content"] == "Noted: 42."
+        await fake.say(alice, "what was the number?", channel_id=thread_id)
+        await fake.wait_for(final("It was 42."))
+
+    second = models.chat_requests[1]["messages"]
+    assert [m["content"] for m in second[1:]] == [
+        "remember the number 42",
+        "Noted: 42.",
+        "what was the number?",
+    ]
+
+
+async def test_reply_to_the_bots_message_continues_the_history(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    models.script(
+        Script(tokens=["First", " answer."]),
+        Script(tokens=["Second", " answer."]),
+        Script(tokens=["Third", " answer."]),
+    )
+    await fake.say(alice, f"{mention(fake)} first question")
+    first = await fake.wait_for(final("First answer."))
+    await fake.say(alice, "second question", reply_to=first["id"])
+    second = await fake.wait_for(final("Second answer."))
+    await fake.say(alice, "third question", reply_to=second["id"])
+    await fake.wait_for(final("Third answer."))
+
+    third = [m["content"] for m in models.chat_requests[2]["messages"][1:]]
+    assert third == [
+        "first question",
+        "First answer.",
+        "second question",
+        "Second answer.",
+        "third question",
+    ]
+
+
+async def test_direct_message_is_answered_and_remembered(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    models.script(Script(tokens=["Hi", " Alice."]), Script(tokens=["Still", " here."]))
+    await fake.dm(alice, "hello bot")
+    await fake.wait_for(final("Hi Alice."))
+    await fake.dm(alice, "are you there?")
+    await fake.wait_for(final("Still here."))
+
+    assert [m["content"] for m in models.chat_requests[1]["messages"][1:]] == [
+        "hello bot",
+        "Hi Alice.",
+        "are you there?",
+    ]
+
+
+async def test_mentions_of_people_reach_the_model_as_display_names(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    bob = fake.add_user("bob", nick="Bobby")
+    await fake.say(alice, f"{mention(fake)} say hello to <@{bob['id']}> in <#{fake.channel_id}>")
+    await fake.wait_for(lambda f: models.chat_requests)
+
+    assert models.chat_requests[0]["messages"][-1]["content"] == "say hello to @Bobby in #general"
+
+
+async def test_bots_everyone_and_role_mentions_and_plain_chatter_are_ignored(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    other_bot = fake.add_user("otherbot", bot=True)
+    await fake.say(other_bot, f"{mention(fake)} hello from a bot")
+    await fake.say(alice, "@everyone lunch?")
+    await fake.say(alice, f"<@&{fake.bot_role}> does the role ping count?")
+    await fake.say(alice, "just chatting")
+    # a message that is answered, after the ignored ones: the gateway delivers in order
+    models.script(Script(tokens=["Answered."]))
+    asked = await fake.say(alice, f"{mention(fake)} only this one")
+    await fake.wait_for(final("Answered."))
+
+    assert len(models.chat_requests) == 1
+    assert [m["message_reference"]["message_id"] for m in fake.bot_messages()] == [asked["id"]]
+
+
+# --- slash commands -------------------------------------------------------------------------
+
+
+async def test_commands_are_synced_globally_without_guild_ids(
+    bot: DiscordAdapter, fake: FakeDiscord
+) -> None:
+    assert [r.path for r in fake.calls("PUT")] == [f"/applications/{fake.application_id}/commands"]
+    assert sorted(c["name"] for c in fake.commands["global"]) == ["help", "model", "reset"]
+    model = next(c for c in fake.commands["global"] if c["name"] == "model")
+    assert model["options"][0]["autocomplete"] is True
+
+
+async def test_commands_are_synced_per_guild_when_guild_ids_are_configured(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+) -> None:
+    settings = settings_for(redis_url, models.url, fake, discord_guild_ids=[int(fake.guild_id)])
+    async with running(settings):
+        paths = [r.path for r in fake.calls("PUT")]
+    assert paths == [f"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"]
+    assert sorted(c["name"] for c in fake.commands[fake.guild_id]) == ["help", "model", "reset"]
+
+
+async def test_slash_model_sets_the_channels_model_ephemerally(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    iid = await fake.slash(alice, "model", {"name": "qwen3:8b"})
+    await fake.wait_for(lambda f: f.interaction_replies(iid))
+
+    callback = fake.callbacks[iid][0]
+    assert callback["type"] == 4
+    assert callback["data"]["flags"] & 64  # ephemeral
+    assert "qwen3:8b" in callback["data"]["content"]
+    models.script(Script(tokens=["From", " qwen."]))
+    await fake.say(alice, f"{mention(fake)} which model are you?")
+    await fake.wait_for(final("From qwen."))
+    assert models.chat_requests[0]["model"] == "qwen3:8b"
+
+
+async def test_slash_model_without_a_name_shows_the_current_model_and_the_list(
+    bot: DiscordAdapter, fake: FakeDiscord, alice: Json
+) -> None:
+    iid = await fake.slash(alice, "model")
+    [text] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+    assert "llama3.2:latest" in text and "qwen3:8b" in text
+
+
+async def test_a_slow_slash_command_is_deferred_then_answered_privately(
+    redis_url: str, fake: FakeDiscord, alice: Json
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_tags(request: web.Request) -> web.Response:  # a catalog that takes its time
+        await release.wait()
+        return web.json_response({"models": [{"name": "llama3.2:latest"}]})
+
+    app = web.Application()
+    app.router.add_get("/api/tags", slow_tags)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    settings = settings_for(redis_url, url, fake)
+    try:
+        async with running(settings):
+            iid = await fake.slash(alice, "model")
+            [deferred] = await fake.wait_for(lambda f: f.callbacks[iid], within=5)
+            release.set()
+            [text] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+    finally:
+        release.set()
+        await runner.cleanup()
+
+    assert deferred["type"] == 5 and deferred["data"]["flags"] & 64  # thinking, only you
+    assert "llama3.2:latest" in text
+    [followup] = [r for r in fake.requests if r.path.startswith("/webhooks/")]
+    assert followup.json["flags"] & 64 and followup.json["allowed_mentions"]["parse"] == []
+
+
+async def test_model_autocomplete_offers_at_most_25_matches_best_first(
+    redis_url: str, fake: FakeDiscord, alice: Json
+) -> None:
+    names = [f"llama-variant-{i:02d}:latest" for i in range(40)] + ["llama3.2:latest", "qwen3:8b"]
+    async with (
+        FakeModelServer(models=names) as models,
+        running(settings_for(redis_url, models.url, fake)),
+    ):
+        iid = await fake.autocomplete(alice, "model", "name", "llama3")
+        [callback] = await fake.wait_for(lambda f: f.callbacks[iid])
+        many = await fake.autocomplete(alice, "model", "name", "llama")
+        [listing] = await fake.wait_for(lambda f: f.callbacks[many])
+
+    assert callback["type"] == 8
+    choices = callback["data"]["choices"]
+    assert choices[0] == {"name": "llama3.2:latest", "value": "llama3.2:latest"}
+    assert "qwen3:8b" not in [c["value"] for c in choices]
+    assert len(listing["data"]["choices"]) == 25
+    assert all("llama" in c["value"] for c in listing["data"]["choices"])
+
+
+async def test_slash_reset_clears_the_threads_history(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    settings = settings_for(redis_url, models.url, fake, discord_use_threads=True)
+    async with running(settings) as adapter:
+        models.script(Script(tokens=["Noted."]), Script(tokens=["Fresh", " start."]))
+        asked = await fake.say(alice, f"{mention(fake)} my name is Alice")
+        await fake.wait_for(final("Noted."))
+        thread_id = asked["id"]
+        # the core stores the turn just after the final edit; Discord sees nothing of that
+        await history_saved(
+            adapter, ConversationKey("discord", fake.guild_id, fake.channel_id, thread_id)
+        )
+
+        iid = await fake.slash(alice, "reset", channel_id=thread_id)
+        [text] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+        assert "forgotten" in text
+        await fake.say(alice, "what is my name?", channel_id=thread_id)
+        await fake.wait_for(final("Fresh start."))
+
+    assert [m["content"] for m in models.chat_requests[1]["messages"][1:]] == ["what is my name?"]
+
+
+# --- permissions ----------------------------------------------------------------------------
+
+
+async def test_people_outside_the_user_allowlist_are_ignored(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    bob = fake.add_user("bob")
+    settings = settings_for(redis_url, models.url, fake, discord_allowed_users=[int(bob["id"])])
+    async with running(settings):
+        await fake.say(alice, f"{mention(fake)} may I?")
+        iid = await fake.slash(alice, "help")
+        models.script(Script(tokens=["Yes", " Bob."]))
+        asked = await fake.say(bob, f"{mention(fake)} may I?")
+        await fake.wait_for(final("Yes Bob."))
+        [refusal] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+
+    assert len(models.chat_requests) == 1
+    assert [m["message_reference"]["message_id"] for m in fake.bot_messages()] == [asked["id"]]
+    assert refusal == NOT_ALLOWED
+
+
+async def test_model_switching_limited_to_administrators(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    admin = fake.add_user("ada", roles=[fake.admin_role])
+    settings = settings_for(redis_url, models.url, fake, discord_model_admin_only=True)
+    async with running(settings):
+        refused = await fake.slash(alice, "model", {"name": "qwen3:8b"})
+        [refusal] = await fake.wait_for(lambda f: f.interaction_replies(refused))
+        typed = await fake.say(alice, f"{mention(fake)} model qwen3:8b")
+        await fake.wait_for(lambda f: replies_to(f, typed["id"]))
+        allowed = await fake.slash(admin, "model", {"name": "qwen3:8b"})
+        [switched] = await fake.wait_for(lambda f: f.interaction_replies(allowed))
+
+    assert refusal == MODEL_SWITCH_ADMINS
+    assert "allowed to choose models" in replies_to(fake, typed["id"])[0]["content"]
+    assert "qwen3:8b" in switched and switched != MODEL_SWITCH_ADMINS
+
+
+async def test_no_request_is_made_in_a_channel_where_the_bot_may_not_reply(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    muted = fake.add_channel("announcements", deny_bot=SEND_MESSAGES)
+    async with running(settings_for(redis_url, models.url, fake)):
+        await fake.say(alice, f"{mention(fake)} answer here?", channel_id=muted)
+        models.script(Script(tokens=["Here."]))
+        await fake.say(alice, f"{mention(fake)} and here?")
+        await fake.wait_for(final("Here."))
+
+    assert not [r for r in fake.requests if muted in r.path]  # no 403s to count against us
+    assert len(models.chat_requests) == 1
+
+
+# --- the gateway ----------------------------------------------------------------------------
+
+
+async def test_message_content_intent_refused_is_logged_and_told_to_the_user(
+    redis_url: str, models: FakeModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="adapters.discord")
+    async with FakeDiscord(grant_message_content=False) as fake:
+        user = fake.add_user("carol")
+        async with running(settings_for(redis_url, models.url, fake)):
+            asked = await fake.say(user, f"{mention(fake)} hello?", withheld=True)
+            [notice] = await fake.wait_for(lambda f: replies_to(f, asked["id"]))
+
+        assert fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT
+        assert not fake.identifies[1]["intents"] & MESSAGE_CONTENT_INTENT
+    assert notice["content"] == CONTENT_WITHHELD
+    assert not models.chat_requests
+    assert "Message Content intent" in caplog.text
+
+
+async def test_shard_settings_identify_as_that_shard(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+) -> None:
+    settings = settings_for(
+        redis_url, models.url, fake, discord_shard_count=2, discord_shard_ids=[1]
+    )
+    async with running(settings):
+        pass
+    assert [i["shard"] for i in fake.identifies] == [[1, 2]]
+    assert not fake.calls("PUT")  # only the process with shard 0 syncs commands
+
+
+async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    bob = fake.add_user("bob")
+    async with running(settings_for(redis_url, models.url, fake), edit_budget=(3, 1)):
+        text = " ".join(f"word{i}" for i in range(6))
+        script = Script(tokens=word_pieces(text), delay=0.05)
+        models.script(script, script)
+        await fake.say(alice, f"{mention(fake)} stream one")
+        await fake.say(bob, f"{mention(fake)} stream two")
+        await fake.wait_for(lambda f: [m["content"] for m in f.bot_messages()] == [text, text])
+
+    times = [p.time for p in fake.calls("PATCH", MESSAGE)]
+    for i, start in enumerate(times):
+        assert len([t for t in times[i:] if t - start < 1.0 - 0.02]) <= 3
