@@ -15,12 +15,13 @@ RESET_WAIT = 2.0  # seconds `reset` waits for a reply in progress (slash command
 _TEXT_COMMAND = re.compile(r"^\s*/?(?:parley\s+)?(model|reset|help)(?:\s+(\S+))?\s*$", re.I)
 
 HELP = """\
-*Parley* answers with a language model. Mention me in a channel, message me directly, or keep \
+**Parley** answers with a language model. Mention me in a channel, message me directly, or keep \
 talking in a thread I've answered in — I remember the thread.
-• `model` — show this channel's model and the ones available
-• `model <name>` — switch this channel to another model (`model default` goes back)
-• `reset` — forget this thread's history
-• `help` — this message"""
+
+- `model` — show this channel's model and the ones available
+- `model <name>` — switch this channel to another model (`model default` goes back)
+- `reset` — forget this thread's history
+- `help` — this message"""
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class Commands:
                     f"({unreachable} unreachable).",
                     current=current,
                 )
-            listing = "\n".join(f"• `{n}`" + (" ← current" if n == current else "") for n in names)
+            listing = "\n".join(f"- `{n}`" + (" ← current" if n == current else "") for n in names)
             return CommandReply(
-                f"Current model here: `{current}`\nAvailable:\n{listing}\n"
+                f"Current model here: `{current}`\n\nAvailable:\n\n{listing}\n\n"
                 "Switch with `model <name>`.",
                 models=names,
                 current=current,
