@@ -159,8 +159,9 @@ class Conversation:
     # --- the answer ---
 
     async def _turn(self, turn: Turn, sink: ReplySink) -> Outcome:
-        """Two Redis round trips in the common case: one to start (with the rate check beside
-        it), one to finish; the per-thread lock, de-dup and in-flight slot ride along."""
+        """Three Redis round trips in the common case: one pipeline starts the turn (de-dup,
+        thread lock, in-flight slot, history, preferences), the rate check follows only for a
+        fresh event (a duplicate must not cost the user a request), one MULTI finishes it."""
         platform, user = turn.key.platform, turn.user_id
         start = TurnStart(
             key=turn.key,
@@ -169,14 +170,10 @@ class Conversation:
             owner=user,
             expire_ms=int(self.settings.turn_timeout * 1000),
         )
-        rate = asyncio.create_task(self.limiter.check_rate(platform, user))
-        try:
-            async with self.state.redis.pipeline(transaction=False) as pipe:
-                self.state.queue_start(pipe, start)
-                slot = await self.limiter.queue_in_flight(pipe, platform, user)
-                answers = await pipe.execute()
-        finally:
-            refused = await asyncio.gather(rate, return_exceptions=True)
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            self.state.queue_start(pipe, start)
+            slot = await self.limiter.queue_in_flight(pipe, platform, user)
+            answers = await pipe.execute()
         self.state.started(start, answers[:-1])
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         renderer = Renderer(sink)
@@ -185,8 +182,7 @@ class Conversation:
             if not start.fresh:
                 log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
-            if isinstance(refused[0], BaseException):
-                raise refused[0]
+            await self.limiter.check_rate(platform, user)
             self.limiter.admitted(slot, answers[-1])
             if not start.locked:  # another message of this thread is being answered
                 await self.state.wait_for_thread(start)

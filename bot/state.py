@@ -184,8 +184,9 @@ class State:
                 log.warning("stop channel lost (%s); resubscribing", e)
                 await asyncio.sleep(1.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                # bounded: closing a connection whose read was just cancelled can hang
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     # --- a turn's start and finish: one round trip each ---
     def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
