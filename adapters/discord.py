@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,26 +19,32 @@ import discord
 import redis.asyncio as aioredis
 import yarl
 from discord import app_commands
+from redis.exceptions import RedisError
 
 from adapters.discord_logic import (
     CHOICE_CHARS,
     CONTENT_WITHHELD,
     MAX_CHARS,
     NOT_ALLOWED,
+    STOP_LABEL,
     Access,
     Place,
+    being_written,
     content_withheld,
     conversation_key,
     may_switch_model,
     may_use,
     model_switch_refusal,
     rank_models,
+    stop_custom_id,
+    stop_token_of,
     thread_name,
     to_model_text,
 )
 from bot.app import Parley
 from bot.commands import CommandReply, parse_text_command
-from bot.errors import describe
+from bot.conversation import stop_token
+from bot.errors import StateUnavailable, describe
 from bot.ratelimit import Limiter
 from bot.streaming import split_message
 from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
@@ -52,7 +58,9 @@ NO_PINGS = discord.AllowedMentions.none()
 # Edits per channel per window, shared by every reply streaming in that channel on every replica
 # (Redis moving window). Discord no longer documents the edit limit; in practice a channel takes
 # about one edit a second, in short bursts. Five per five seconds keeps the long-run rate at one
-# a second while a burst of five lets a reply's final edit (and a page split) go out at once.
+# a second. Streaming edits may take all but one of them (a second, stricter window of their
+# own), so a final edit — a stopped or finished reply, a page split — always finds an edit left
+# and goes out at once instead of waiting up to a whole window behind the stream it ends.
 # discord.py still honours each bucket's X-RateLimit-* headers and 429s on top of this.
 EDIT_BUDGET = (5, 5)
 # Rate limits longer than this surface as discord.RateLimited (→ PlatformRateLimited) instead
@@ -62,6 +70,7 @@ DEFER_AFTER = 1.0  # seconds: slower slash commands are deferred (Discord allows
 AUTOCOMPLETE_TIMEOUT = 2.5  # Discord discards autocomplete answers after 3 s
 STOP_GRACE = 10.0  # seconds in-flight replies get to reach their final state on stop
 WITHHELD_NOTICE_EVERY = 600.0  # seconds between "content withheld" notices per channel
+THREAD_ALREADY_CREATED = 160004  # Discord's error code: this message already has a thread
 
 Channel = (
     discord.TextChannel
@@ -126,18 +135,44 @@ def _may_reply(channel: Channel) -> bool:
     return may_send and permissions.read_message_history  # replies need the history
 
 
+class StopButton(discord.ui.View):
+    """The Stop button a reply carries while it is written.
+
+    Pressing it is answered by the client's `on_interaction` listener from the custom_id alone,
+    on whichever replica Discord delivers the press to. So discord.py must not keep this view
+    in its per-process view store (it would, for every reply, for good): it is never
+    "dispatchable" here.
+    """
+
+    def __init__(self, token: str) -> None:
+        super().__init__(timeout=None)
+        self.add_item(
+            discord.ui.Button[discord.ui.View](
+                label=STOP_LABEL,
+                style=discord.ButtonStyle.secondary,
+                custom_id=stop_custom_id(token),
+            )
+        )
+
+    def is_dispatchable(self) -> bool:
+        return False
+
+
 async def _send(
-    channel: Channel, text: str, *, reply_to: discord.Message | None
+    channel: Channel,
+    text: str,
+    *,
+    reply_to: discord.Message | None,
+    view: discord.ui.View | None = None,
 ) -> discord.Message:
     """One message that pings nobody, as a reply when there is something to reply to."""
-    if reply_to is None:
-        return await channel.send(text, allowed_mentions=NO_PINGS)
-    return await channel.send(
-        text,
-        reference=reply_to.to_reference(fail_if_not_exists=False),
-        allowed_mentions=NO_PINGS,
-        mention_author=False,
-    )
+    options: dict[str, Any] = {"allowed_mentions": NO_PINGS}
+    if reply_to is not None:
+        options["reference"] = reply_to.to_reference(fail_if_not_exists=False)
+        options["mention_author"] = False
+    if view is not None:
+        options["view"] = view
+    return await channel.send(text, **options)
 
 
 @dataclass
@@ -152,13 +187,18 @@ class DiscordSink:
     root: int = 0
     edit_budget: tuple[int, int] = EDIT_BUDGET
     max_chars: int = MAX_CHARS
+    stop_token: str | None = None  # set once the turn is known: its pages carry a Stop button
     _last: discord.Message | None = None
     _typing: bool = True
 
-    async def post(self, text: str) -> MessageRef:
+    async def post(self, text: str, *, final: bool | None = None) -> MessageRef:
+        """Post a page; while it is being written (judged from `text` unless `final` says) it
+        carries the Stop button, which its final edit takes off."""
+        writing = being_written(text) if final is None else not final
+        view = StopButton(self.stop_token) if writing and self.stop_token else None
         # later pages reply to the page before, so the reply reads as one chain
         try:
-            sent = await _send(self.channel, text, reply_to=self._last or self.reply_to)
+            sent = await _send(self.channel, text, reply_to=self._last or self.reply_to, view=view)
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
         self._last = sent
@@ -167,15 +207,33 @@ class DiscordSink:
         return MessageRef(str(sent.id), str(self.channel.id))
 
     async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        count, seconds = self.edit_budget
-        wait = await self.limiter.budget_wait(f"discord:edit:{ref.channel}", count, seconds)
-        if wait > 0:
-            raise PlatformRateLimited(wait)
+        await self._take_edit(ref.channel, final=final)
         message = self.channel.get_partial_message(int(ref.id))
         try:
-            await message.edit(content=text, allowed_mentions=NO_PINGS)
+            if final:  # the page is done: take the Stop button off (`components: []`)
+                await message.edit(content=text, allowed_mentions=NO_PINGS, view=None)
+            else:  # leaves the components as they are
+                await message.edit(content=text, allowed_mentions=NO_PINGS)
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
+
+    async def _take_edit(self, channel: str, *, final: bool) -> None:
+        """Take an edit from the channel's shared budget, or raise PlatformRateLimited.
+
+        Streaming edits leave one edit of the window to final edits. And a streaming edit the
+        budget refuses asks to be tried again after one edit interval, not after the window's
+        wait: the renderer holds *every* later edit of the reply, the final one included, for
+        as long as a PlatformRateLimited says, and this is our own soft budget, not Discord
+        forbidding the edit. (Trying again costs a Redis call per interval, as streaming does.)
+        """
+        count, seconds = self.edit_budget
+        if not final and count > 1:
+            wait = await self.limiter.budget_wait(f"discord:stream:{channel}", count - 1, seconds)
+            if wait > 0:
+                raise PlatformRateLimited(min(wait, self.min_edit_interval))
+        wait = await self.limiter.budget_wait(f"discord:edit:{channel}", count, seconds)
+        if wait > 0:
+            raise PlatformRateLimited(wait if final else min(wait, self.min_edit_interval))
 
     async def notify(self, text: str) -> None:
         # Discord has no ephemeral reply to a message: answer the asker, pinging nobody
@@ -294,12 +352,7 @@ class DiscordAdapter:
 
     async def _connect(self, *, sync_commands: bool) -> None:
         client, tree = self._build_client()
-        ready = asyncio.Event()
-
-        @client.event
-        async def on_ready() -> None:
-            ready.set()
-
+        ready = self._watch_ready(client)
         assert self.settings.discord_token is not None
         try:
             await client.login(self.settings.discord_token.get_secret_value())
@@ -318,6 +371,53 @@ class DiscordAdapter:
             await client.close()
             raise
         connection.task.add_done_callback(_connection_ended)
+
+    def _watch_ready(self, client: discord.Client) -> asyncio.Event:
+        """Set once every shard this process runs is connected and every guild has arrived.
+
+        discord.py's own `on_ready` comes `guild_ready_timeout` (2 s) after the *last* guild,
+        whose count it never checks: a fixed delay on every start. READY lists the guilds to
+        expect, so this is set as soon as all of them are in; `on_ready` still sets it when a
+        guild stays unavailable (a Discord outage).
+        """
+        ready = asyncio.Event()
+        settings = self.settings
+        sharded = settings.discord_shard_count is not None
+        expected = (
+            set(settings.discord_shard_ids or range(settings.discord_shard_count or 1))
+            if sharded
+            else {0}
+        )
+        connected: set[int] = set()
+
+        def check() -> None:
+            if connected >= expected and not any(g.unavailable for g in client.guilds):
+                ready.set()
+
+        @client.event
+        async def on_ready() -> None:
+            ready.set()
+
+        @client.event
+        async def on_connect() -> None:  # READY parsed: the guilds to expect are listed
+            if not sharded:
+                connected.add(0)
+                check()
+
+        @client.event
+        async def on_shard_connect(shard_id: int) -> None:
+            connected.add(shard_id)
+            check()
+
+        @client.event
+        async def on_guild_available(guild: discord.Guild) -> None:
+            check()
+
+        @client.event
+        async def on_guild_join(guild: discord.Guild) -> None:
+            check()
+
+        return ready
 
     def _build_client(self) -> tuple[discord.Client, app_commands.CommandTree[discord.Client]]:
         # Parley never joins voice: spare operators discord.py's warnings about voice libraries
@@ -347,6 +447,17 @@ class DiscordAdapter:
         @client.event
         async def on_message(message: discord.Message) -> None:
             await self._tracked(self._on_message(message))
+
+        @client.event
+        async def on_interaction(interaction: discord.Interaction[discord.Client]) -> None:
+            # slash commands and autocomplete go to the command tree; components come here
+            if interaction.type is not discord.InteractionType.component:
+                return
+            data: Mapping[str, object] = interaction.data or {}
+            custom_id = data.get("custom_id")
+            token = stop_token_of(custom_id) if isinstance(custom_id, str) else None
+            if token is not None:
+                await self._stop_pressed(interaction, token)
 
         return client, self._command_tree(client)
 
@@ -430,6 +541,7 @@ class DiscordAdapter:
                 self.access, place, is_admin=_is_admin(author), role_ids=_role_ids(author)
             ),
         )
+        sink.stop_token = stop_token(turn)
         await self.parley.conversation.handle(turn, sink)
 
     async def _addressed(
@@ -478,12 +590,26 @@ class DiscordAdapter:
         try:
             return await message.create_thread(name=thread_name(text))
         except discord.HTTPException as e:  # no permission, a forum, a thread already there…
+            if e.code == THREAD_ALREADY_CREATED:  # the same event reached another replica too
+                return await self._existing_thread(message)
             log.warning(
                 "could not open a thread in channel %s (%s); replying instead",
                 message.channel.id,
                 e,
             )
             return None
+
+    async def _existing_thread(self, message: discord.Message) -> discord.Thread | None:
+        """The thread started from `message` (it has the message's id), to answer there too:
+        which replica answers is the core's de-duplication to decide, not this race's."""
+        if message.guild is not None and (known := message.guild.get_thread(message.id)):
+            return known
+        try:
+            found = await self.client.fetch_channel(message.id)
+        except discord.HTTPException as e:
+            log.warning("could not find the thread of message %s: %s", message.id, e)
+            return None
+        return found if isinstance(found, discord.Thread) else None
 
     async def _tell_content_withheld(self, channel: Channel, message: discord.Message) -> None:
         """Say why there is no answer, once in a while per channel (in the log and the chat)."""
@@ -501,6 +627,33 @@ class DiscordAdapter:
             await _send(channel, CONTENT_WITHHELD, reply_to=message)
         except discord.HTTPException as e:
             log.warning("could not say so in channel %s: %s", channel.id, e)
+
+    # --- the Stop button ---
+
+    async def _stop_pressed(
+        self, interaction: discord.Interaction[discord.Client], token: str
+    ) -> None:
+        """Stop a reply, wherever it is being generated (the core forwards through Redis)."""
+        try:  # ack at once, changing nothing: the reply's own edits show the outcome
+            await interaction.response.defer()
+        except discord.HTTPException as e:  # answered elsewhere (a duplicate delivery), expired
+            log.warning("could not acknowledge a Stop press (%s); ignoring it", e)
+            return
+        user = interaction.user
+        try:
+            refusal = await self.parley.conversation.stop(
+                token, user_id=str(user.id), is_admin=interaction.permissions.administrator
+            )
+        except (RedisError, OSError) as e:
+            log.error("could not stop a reply: redis unavailable: %s", e)
+            refusal = describe(StateUnavailable())
+        if refusal is None:
+            log.info("reply %s stopped by %s", token, user.id)
+            return
+        try:
+            await interaction.followup.send(refusal, ephemeral=True, allowed_mentions=NO_PINGS)
+        except discord.HTTPException as e:
+            log.warning("could not answer a Stop press: %s", e)
 
     # --- slash commands ---
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bot.settings import Settings
+from bot.streaming import CURSOR, PLACEHOLDER, THINKING
 from bot.turn import ConversationKey
 
 PLATFORM = "discord"
@@ -19,6 +20,9 @@ MAX_CHARS = 2000  # message content limit
 MAX_CHOICES = 25  # autocomplete choices per response
 CHOICE_CHARS = 100  # a choice's name and value
 THREAD_NAME_CHARS = 100
+CUSTOM_ID_CHARS = 100  # a message component's custom_id
+STOP_PREFIX = "parley:stop:"  # a Stop button's custom_id: this, then the core's stop token
+STOP_LABEL = "⏹ Stop"  # in the label, not as an emoji: no emoji name for Discord to refuse
 
 # Words the adapter itself shows: Discord-only situations the core cannot know about.
 CONTENT_WITHHELD = (
@@ -192,6 +196,40 @@ def model_switch_refusal(access: Access) -> str:
     if access.model_role is not None and not access.model_admin_only:
         return MODEL_SWITCH_ROLE.format(role=access.model_role)
     return MODEL_SWITCH_ADMINS
+
+
+# --- the Stop button -----------------------------------------------------------------------
+
+
+def stop_custom_id(token: str) -> str:
+    """The custom_id of the Stop button on a reply being written (`token`: the core's)."""
+    custom_id = STOP_PREFIX + token
+    if len(custom_id) > CUSTOM_ID_CHARS:
+        raise ValueError(f"a stop token of {len(token)} characters does not fit a custom_id")
+    return custom_id
+
+
+def stop_token_of(custom_id: str) -> str | None:
+    """The stop token a pressed component names, if it is one of our Stop buttons.
+
+    Only Discord tokens (`discord:<message id>`): a custom_id is ours to read whatever process
+    made it, so the listener needs no memory of the buttons it or another replica sent.
+    """
+    if not custom_id.startswith(STOP_PREFIX):
+        return None
+    token = custom_id.removeprefix(STOP_PREFIX)
+    platform, _, event_id = token.partition(":")
+    return token if platform == PLATFORM and event_id.isdigit() else None
+
+
+def being_written(text: str) -> bool:
+    """Whether a message posted with `text` is a reply still being written.
+
+    The renderer posts its placeholder, the thinking notice, or a page with the streaming
+    cursor while a reply is on its way; anything else (a finished page, a command's answer, a
+    notice) is final as posted, and must not carry a Stop button nobody will take off.
+    """
+    return text in (PLACEHOLDER, THINKING) or text.endswith(CURSOR)
 
 
 # --- slash command helpers ------------------------------------------------------------------

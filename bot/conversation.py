@@ -171,8 +171,10 @@ class Conversation:
             expire_ms=int(self.settings.turn_timeout * 1000),
         )
         async with self.state.redis.pipeline(transaction=False) as pipe:
-            self.state.queue_start(pipe, start)
-            slot = await self.limiter.queue_in_flight(pipe, platform, user)
+            await self.state.queue_start(pipe, start)
+            slot = await self.limiter.queue_in_flight(
+                pipe, platform, user, only_if=(self.state.seen_key(start), start.lock_token)
+            )
             answers = await pipe.execute()
         self.state.started(start, answers[:-1])
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)

@@ -23,9 +23,13 @@ from redis.asyncio.client import Pipeline
 from bot.errors import UserRateLimited
 from bot.settings import RateLimit
 
-# KEYS[1] busy zset; ARGV: now, expiry, member, max. Returns 0 when admitted, else the
-# milliseconds until the oldest in-flight entry expires.
+# KEYS[1] busy zset, optional KEYS[2] a key that must hold ARGV[5] (the turn's de-dup claim:
+# a duplicate delivery takes no slot); ARGV: now, expiry, member, max. Returns 0 when admitted
+# (or not asked for), else the milliseconds until the oldest in-flight entry expires.
 ACQUIRE_IN_FLIGHT = """
+if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[5] then
+  return 0
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -75,15 +79,27 @@ class Limiter:
         stats = await self.window.get_window_stats(self.rate, platform, user_id)
         raise UserRateLimited(max(1.0, stats.reset_time - time.time()))
 
-    async def queue_in_flight(self, pipe: Pipeline, platform: str, user_id: str) -> InFlightSlot:
-        """Ask for one of the user's K generation slots as part of a pipeline."""
+    async def queue_in_flight(
+        self,
+        pipe: Pipeline,
+        platform: str,
+        user_id: str,
+        *,
+        only_if: tuple[str, str] | None = None,
+    ) -> InFlightSlot:
+        """Ask for one of the user's K generation slots as part of a pipeline.
+
+        `only_if=(key, value)`: only when that key holds that value by then (a claim queued
+        earlier in the same pipeline), so a duplicate delivery never takes a slot.
+        """
         slot = InFlightSlot(f"{self.prefix}busy:{{{platform}:{user_id}}}", uuid.uuid4().hex)
         now = time.time()
-        await self._acquire(  # queued: a pipeline answers on execute()
-            keys=[slot.name],
-            args=[now, now + self.in_flight_ttl, slot.member, self.max_in_flight],
-            client=pipe,
-        )
+        keys = [slot.name]
+        args: list[str | float] = [now, now + self.in_flight_ttl, slot.member, self.max_in_flight]
+        if only_if is not None:
+            keys.append(only_if[0])
+            args.append(only_if[1])
+        await self._acquire(keys=keys, args=args, client=pipe)  # queued until execute()
         return slot
 
     def admitted(self, slot: InFlightSlot, answer: Any) -> None:
@@ -94,8 +110,9 @@ class Limiter:
         slot.held = True
 
     def queue_release(self, pipe: Pipeline, slot: InFlightSlot) -> None:
-        if slot.held:
-            pipe.zrem(slot.name, slot.member)
+        # always: the slot may be held though the turn stopped short of admitted() (a rate
+        # refusal); ZREM of an absent member does nothing
+        pipe.zrem(slot.name, slot.member)
 
     @asynccontextmanager
     async def in_flight(self, platform: str, user_id: str) -> AsyncIterator[None]:

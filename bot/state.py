@@ -25,6 +25,16 @@ from redis.exceptions import RedisError
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
 
+# Record who may press Stop — only for the turn that saw the event first (KEYS[1] holds its
+# token), so a duplicate delivery never claims, nor later deletes, the owner of the real reply.
+CLAIM_TURN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
 # Delete a lock only if it still holds our token (it may have expired and been taken since).
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -95,6 +105,7 @@ class State:
         self.dedup_ttl = dedup_ttl
         self.history_fetch = min(history_fetch, history_max)  # newest N read per turn
         self._release = redis.register_script(RELEASE_LOCK)
+        self._claim = redis.register_script(CLAIM_TURN)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -127,7 +138,8 @@ class State:
         pipe.expire(name, self.history_ttl)
 
     async def is_active(self, key: ConversationKey) -> bool:
-        return bool(await self.redis.exists(self.history_key(key)))
+        """The bot answered in this thread, or is answering there now (its lock is held)."""
+        return bool(await self.redis.exists(self.history_key(key), self.lock_key(key)))
 
     async def forget(self, key: ConversationKey) -> bool:
         return bool(await self.redis.delete(self.history_key(key)))
@@ -189,17 +201,26 @@ class State:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     # --- a turn's start and finish: one round trip each ---
-    def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
+    async def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
         """De-dup, thread lock, Stop-button owner, history and preferences, in one pipeline.
 
         Read the answers with `started()`; every step is undone by `queue_finish()`.
         """
         key = start.key
-        pipe.set(self._seen_key(key.platform, start.event_id), "1", nx=True, ex=self.dedup_ttl)
+        seen = self.seen_key(start)
+        pipe.set(seen, start.lock_token, nx=True, ex=self.dedup_ttl)
         pipe.set(self.lock_key(key), start.lock_token, nx=True, px=start.expire_ms)
-        pipe.set(self._turn_key(start.token), start.owner, nx=True, px=start.expire_ms)
+        await self._claim(
+            keys=[seen, self._turn_key(start.token)],
+            args=[start.lock_token, start.owner, start.expire_ms],
+            client=pipe,
+        )
         pipe.lrange(self.history_key(key), -self.history_fetch, -1)
         pipe.hgetall(self.pref_key(key))
+
+    def seen_key(self, start: TurnStart) -> str:
+        """The de-dup key; it holds the lock token of the turn that saw the event first."""
+        return self._seen_key(start.key.platform, start.event_id)
 
     def started(self, start: TurnStart, answers: Sequence[Any]) -> None:
         fresh, locked, claimed, history, prefs = answers

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from adapters.discord import DiscordAdapter
 from adapters.discord_logic import CONTENT_WITHHELD, MODEL_SWITCH_ADMINS, NOT_ALLOWED
 from bot.app import Parley
 from bot.settings import Settings
+from bot.streaming import CURSOR, STOPPED
 from bot.turn import ConversationKey
 from tests.fakes.discord import MESSAGE_CONTENT_INTENT, SEND_MESSAGES, FakeDiscord, Recorded
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
@@ -109,6 +110,27 @@ def replies_to(fake: FakeDiscord, message_id: str) -> list[Json]:
         for m in fake.bot_messages()
         if (m.get("message_reference") or {}).get("message_id") == message_id
     ]
+
+
+def buttons(body: Json) -> list[Json]:
+    """The buttons a message body (a request's or a stored message's) carries."""
+    return [c for row in body.get("components") or [] for c in row["components"]]
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for what no request to Discord shows (the model server's counters)."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def streaming_reply(fake: FakeDiscord, asked: Json) -> tuple[Json, str]:
+    """The reply to `asked` once it shows some answer, and its Stop button's custom_id."""
+    [post] = await fake.wait_for(lambda f: f.reply_posts(asked["id"]))
+    [button] = buttons(post.json)
+    [reply] = replies_to(fake, asked["id"])
+    await fake.wait_for(lambda f: "word" in f.messages[reply["id"]]["content"])
+    return reply, button["custom_id"]
 
 
 async def history_saved(adapter: DiscordAdapter, key: ConversationKey) -> None:
@@ -242,6 +264,163 @@ async def test_long_reply_continues_in_follow_up_messages_within_2000_chars_with
     shown = "\n".join(m["content"] for m in messages)
     for i in range(60):
         assert f"line {i:03d} of a long example" in shown  # nothing lost at the splits
+
+
+# --- the Stop button ------------------------------------------------------------------------
+
+
+async def test_a_streaming_reply_carries_a_stop_button_that_stops_it_for_the_asker(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    models.script(Script(tokens=["word "] * 300, delay=0.02))
+    asked = await fake.say(alice, f"{mention(fake)} talk for a while")
+    [placeholder] = await fake.wait_for(lambda f: f.reply_posts(asked["id"]))
+    assert placeholder.json["content"] == "…"
+    [button] = buttons(placeholder.json)
+    assert button["type"] == 2 and button["label"] == "⏹ Stop" and not button["disabled"]
+    assert button["custom_id"] == f"parley:stop:discord:{asked['id']}"
+    reply, custom_id = await streaming_reply(fake, asked)
+
+    iid = await fake.press(alice, reply["id"], custom_id)
+    stopped = await fake.wait_for(
+        lambda f: (m := f.messages[reply["id"]])["content"].endswith(STOPPED) and m
+    )
+
+    assert [c["type"] for c in fake.callbacks[iid]] == [6]  # acked: deferred update, no message
+    assert not fake.interaction_replies(iid)  # the asker is told nothing: the reply shows it
+    assert stopped["components"] == [] and "word" in stopped["content"]
+    assert CURSOR not in stopped["content"]
+    edits = fake.calls("PATCH", f"/channels/{fake.channel_id}/messages/{reply['id']}")
+    # mid-stream edits leave the button alone; the final edit takes it off
+    assert ["components" in e.json for e in edits] == [False] * (len(edits) - 1) + [True]
+    [callback] = [r for r in fake.requests if r.path.startswith(f"/interactions/{iid}/")]
+    assert callback.time <= edits[-1].time  # acked before the work, not after
+    await until(lambda: models.disconnects == 1)  # generation stopped upstream
+    assert models.completed == 0
+
+
+async def test_someone_else_pressing_stop_is_refused_privately_and_the_reply_goes_on(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    bob = fake.add_user("bob")
+    models.script(Script(tokens=["word "] * 40, delay=0.02))
+    asked = await fake.say(alice, f"{mention(fake)} talk for a bit")
+    reply, custom_id = await streaming_reply(fake, asked)
+
+    iid = await fake.press(bob, reply["id"], custom_id)
+    [refusal] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+    done = await fake.wait_for(final(" ".join(["word"] * 40)))
+
+    assert "Only the person who asked" in refusal
+    assert [c["type"] for c in fake.callbacks[iid]] == [6]
+    [followup] = [r for r in fake.requests if r.path.startswith("/webhooks/")]
+    assert followup.json["flags"] & 64  # only Bob sees it
+    assert followup.json["allowed_mentions"]["parse"] == []
+    assert done["id"] == reply["id"] and done["components"] == []
+    await until(lambda: models.completed == 1)
+    assert models.disconnects == 0
+
+
+async def test_an_administrator_may_stop_anyones_reply(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    admin = fake.add_user("ada", roles=[fake.admin_role])
+    models.script(Script(tokens=["word "] * 300, delay=0.02))
+    asked = await fake.say(alice, f"{mention(fake)} talk for a while")
+    reply, custom_id = await streaming_reply(fake, asked)
+
+    iid = await fake.press(admin, reply["id"], custom_id)
+    await fake.wait_for(lambda f: f.messages[reply["id"]]["content"].endswith(STOPPED))
+
+    assert not fake.interaction_replies(iid)
+    await until(lambda: models.disconnects == 1)
+
+
+async def test_only_the_page_being_written_carries_the_stop_button(
+    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+) -> None:
+    sentence = "This sentence is one of many that make the answer run long. "
+    models.script(Script(tokens=[sentence] * 70, delay=0.01))  # 4,340 chars: three pages
+    asked = await fake.say(alice, f"{mention(fake)} write a lot")
+
+    await fake.wait_for(
+        lambda f: (
+            len(f.bot_messages()) == 3
+            and all(not m["content"].endswith(CURSOR) for m in f.bot_messages())
+            and f.bot_messages()[-1]["content"].endswith("answer run long.")
+        )
+    )
+
+    pages = fake.bot_messages()
+    assert all(m["components"] == [] for m in pages)
+    writes = [
+        r
+        for r in fake.requests
+        if (r.method == "POST" and re.fullmatch(MESSAGES, r.path))
+        or (r.method == "PATCH" and re.fullmatch(MESSAGE, r.path))
+    ]
+    # a later page replies to the page before; its POST carries the button, and by then the
+    # page before had its final edit, which took the button off
+    for before, page in itertools.pairwise(pages):
+        [posted] = [i for i, r in enumerate(writes) if r is fake.reply_posts(before["id"])[0]]
+        finished = [
+            i
+            for i, r in enumerate(writes)
+            if r.method == "PATCH" and r.path.endswith(before["id"]) and "components" in r.json
+        ]
+        assert finished and max(finished) < posted, page["id"]
+        assert buttons(writes[posted].json), page["id"]
+    assert pages[0]["message_reference"]["message_id"] == asked["id"]
+
+
+async def test_a_stopped_reply_shows_it_at_once_though_streaming_used_the_edit_budget(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    async with running(settings_for(redis_url, models.url, fake), edit_budget=(3, 5)):
+        models.script(Script(tokens=["word "] * 300, delay=0.02))
+        asked = await fake.say(alice, f"{mention(fake)} talk for a while")
+        reply, custom_id = await streaming_reply(fake, asked)
+        edits = f"/channels/{fake.channel_id}/messages/{reply['id']}"
+        await fake.wait_for(lambda f: len(f.calls("PATCH", edits)) == 2)  # all streaming may use
+        # not a wait for an event: time for the stream to try for the window's last edit, which
+        # it must leave to the final edit (it tries every 0.05 s)
+        await asyncio.sleep(0.3)
+        assert len(fake.calls("PATCH", edits)) == 2
+
+        pressed = asyncio.get_running_loop().time()
+        await fake.press(alice, reply["id"], custom_id)
+        await fake.wait_for(lambda f: f.messages[reply["id"]]["content"].endswith(STOPPED))
+
+    patches = fake.calls("PATCH", edits)
+    assert ["components" in p.json for p in patches] == [False, False, True]
+    assert patches[-1].time - pressed < 1.0  # not a whole budget window (5 s) later
+
+
+async def test_a_command_answer_carries_no_stop_button(
+    bot: DiscordAdapter, fake: FakeDiscord, alice: Json
+) -> None:
+    asked = await fake.say(alice, f"{mention(fake)} help")
+    [post] = await fake.wait_for(lambda f: f.reply_posts(asked["id"]))
+    assert not post.json.get("components")
+
+
+async def test_a_stop_pressed_on_another_replica_stops_the_reply(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    settings = settings_for(redis_url, models.url, fake)
+    async with running(settings):
+        models.script(Script(tokens=["word "] * 300, delay=0.02))
+        asked = await fake.say(alice, f"{mention(fake)} talk for a while")
+        reply, custom_id = await streaming_reply(fake, asked)
+        async with running(settings):  # a second replica: Discord sends it the press
+            other = fake.sessions[-1]
+            iid = await fake.press(alice, reply["id"], custom_id, session=other)
+            await fake.wait_for(lambda f: f.messages[reply["id"]]["content"].endswith(STOPPED))
+
+    assert fake.deliveries("INTERACTION_CREATE", iid) == [other]
+    assert [c["type"] for c in fake.callbacks[iid]] == [6]
+    assert fake.messages[reply["id"]]["components"] == []
+    await until(lambda: models.disconnects == 1)
 
 
 # --- conversations --------------------------------------------------------------------------
@@ -532,6 +711,25 @@ async def test_message_content_intent_refused_is_logged_and_told_to_the_user(
     assert "Message Content intent" in caplog.text
 
 
+async def test_start_returns_once_the_guilds_are_in_not_after_discord_py_s_ready_delay(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+) -> None:
+    parley = await Parley.open(settings_for(redis_url, models.url, fake))
+    adapter = DiscordAdapter(parley)  # as `parley run` makes it: guild_ready_timeout 2 s
+    loop = asyncio.get_running_loop()
+    try:
+        began = loop.time()
+        await adapter.start()
+        took = loop.time() - began
+        [guild] = adapter.client.guilds
+        assert guild.id == int(fake.guild_id) and not guild.unavailable
+        assert guild.get_channel(int(fake.channel_id)) is not None
+    finally:
+        await adapter.stop()
+        await parley.aclose()
+    assert took < 1.5  # discord.py's on_ready comes 2 s after the last guild
+
+
 async def test_shard_settings_identify_as_that_shard(
     redis_url: str, models: FakeModelServer, fake: FakeDiscord
 ) -> None:
@@ -542,6 +740,25 @@ async def test_shard_settings_identify_as_that_shard(
         pass
     assert [i["shard"] for i in fake.identifies] == [[1, 2]]
     assert not fake.calls("PUT")  # only the process with shard 0 syncs commands
+
+
+async def test_an_event_delivered_to_two_replicas_opens_one_thread_and_is_answered_once(
+    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+) -> None:
+    settings = settings_for(redis_url, models.url, fake, discord_use_threads=True)
+    async with running(settings), running(settings):
+        assert len(fake.sessions) == 2  # two plain clients: both get every event of the guild
+        models.script(Script(tokens=["Only", " once."], delay=0.02))
+        asked = await fake.say(alice, f"{mention(fake)} one question")
+        await fake.wait_for(final("Only once."))
+        # the replica that lost the race for the thread was refused it, and answers there too
+        threads = rf"/channels/{fake.channel_id}/messages/{asked['id']}/threads"
+        await fake.wait_for(lambda f: [r.status for r in f.calls("POST", threads)] == [201, 400])
+
+    assert len(fake.deliveries("MESSAGE_CREATE", asked["id"])) == 2
+    assert fake.thread_ids == [asked["id"]]
+    assert [m["channel_id"] for m in fake.bot_messages()] == [asked["id"]]  # in the thread, once
+    assert len(models.chat_requests) == 1
 
 
 async def test_edit_budget_is_shared_by_every_stream_in_a_channel(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -9,16 +10,21 @@ from adapters.discord_logic import (
     MODEL_SWITCH_ADMINS,
     Access,
     Place,
+    being_written,
     content_withheld,
     conversation_key,
     may_switch_model,
     may_use,
     model_switch_refusal,
     rank_models,
+    stop_custom_id,
+    stop_token_of,
     thread_name,
     to_model_text,
 )
-from bot.turn import ConversationKey
+from bot.conversation import stop_token
+from bot.streaming import CURSOR, PLACEHOLDER, THINKING, in_progress
+from bot.turn import ConversationKey, Turn
 
 BOT = 900
 GUILD, CHANNEL, THREAD = 1, 10, 20
@@ -149,6 +155,51 @@ def test_model_role_or_administrators_may_switch() -> None:
 
 def test_a_dms_model_is_its_users_own_choice() -> None:
     assert may_switch_model(Access(model_admin_only=True), IN_DM, is_admin=False, role_ids=[])
+
+
+# --- the Stop button ------------------------------------------------------------------------
+
+
+def test_a_stop_buttons_custom_id_names_the_cores_token_and_reads_back() -> None:
+    turn = Turn(ConversationKey("discord", "1", "10", "10"), "7", "Alice", "hi", "1234567890123")
+    token = stop_token(turn)
+    custom_id = stop_custom_id(token)
+    assert custom_id == "parley:stop:discord:1234567890123"
+    assert len(custom_id) <= 100
+    assert stop_token_of(custom_id) == token
+
+
+@given(st.text(max_size=120))
+def test_only_our_own_discord_stop_buttons_are_read(custom_id: str) -> None:
+    token = stop_token_of(custom_id)
+    assert token is None or (
+        custom_id == "parley:stop:" + token
+        and token.startswith("discord:")
+        and token.removeprefix("discord:").isdigit()
+    )
+
+
+def test_other_components_and_other_platforms_tokens_are_not_stop_buttons() -> None:
+    assert stop_token_of("parley:stop:slack:Ev123") is None
+    assert stop_token_of("parley:stop:discord:") is None
+    assert stop_token_of("parley:stop:") is None
+    assert stop_token_of("something:else:discord:123") is None
+
+
+def test_a_token_too_long_for_a_custom_id_is_refused() -> None:
+    with pytest.raises(ValueError):
+        stop_custom_id("discord:" + "9" * 100)
+
+
+def test_what_the_renderer_posts_while_writing_is_being_written_and_nothing_else() -> None:
+    assert being_written(PLACEHOLDER)
+    assert being_written(THINKING)
+    assert being_written(in_progress("Half an answer"))
+    assert being_written(in_progress("```python\nprint(1)"))  # a fence closed for display
+    assert not being_written("A whole answer.")
+    assert not being_written("Switched this channel to `qwen3:8b`.")
+    assert not being_written("")
+    assert in_progress("x").endswith(CURSOR)
 
 
 # --- autocomplete ---------------------------------------------------------------------------

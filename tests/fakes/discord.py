@@ -17,6 +17,12 @@ Deliberate wire details (what Discord does and discord.py relies on):
 * The bot's own messages come back through the gateway (MESSAGE_CREATE / MESSAGE_UPDATE), as
   they do on Discord.
 * IDENTIFY with the Message Content intent when the fake does not grant it → close code 4014.
+* Messages keep their `components` (action rows of buttons, validated as Discord does); an edit
+  without `components` leaves them, `components: []` removes them. A button press is an
+  INTERACTION_CREATE of type 3 carrying the message as it is now, and only a button the message
+  really carries can be pressed; it is acked with a callback of type 6 (deferred update) or 7.
+* Every identified gateway connection gets every dispatch of the guilds its shard owns: two
+  plain (unsharded) clients on one token both get everything, as a duplicated delivery would.
 """
 
 from __future__ import annotations
@@ -44,6 +50,17 @@ DISCORD_EPOCH_MS = 1_420_070_400_000
 MESSAGE_CONTENT_INTENT = 1 << 15
 APP_FLAG_MESSAGE_CONTENT_LIMITED = 1 << 19
 EPHEMERAL = 1 << 6
+
+# Interaction types, and the callback types each may answer with
+APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT = 2, 3, 4, 5
+CALLBACKS_ALLOWED = {
+    APPLICATION_COMMAND: {4, 5, 9},
+    MESSAGE_COMPONENT: {4, 5, 6, 7, 9},
+    AUTOCOMPLETE: {8},
+    MODAL_SUBMIT: {4, 5, 6, 7},
+}
+ACTION_ROW, BUTTON = 1, 2
+LINK_STYLE = 5
 
 # Permission bits (Discord's permission flags)
 VIEW_CHANNEL = 1 << 10
@@ -90,6 +107,41 @@ def _error(status: int, message: str, code: int = 0) -> web.Response:
     return _json_response({"message": message, "code": code}, status=status)
 
 
+def _components_problem(components: Any) -> str | None:
+    """What Discord would refuse in a message's `components` (None: fine, or absent)."""
+    if components is None:
+        return None
+    if not isinstance(components, list) or len(components) > 5:
+        return "a message has at most 5 action rows"
+    seen: set[str] = set()
+    for row in components:
+        if not isinstance(row, dict) or row.get("type") != ACTION_ROW:
+            return "top-level components must be action rows"
+        children = row.get("components")
+        if not isinstance(children, list) or not 1 <= len(children) <= 5:
+            return "an action row holds 1 to 5 components"
+        for item in children:
+            if item.get("type") != BUTTON:
+                continue  # selects and the rest: not checked here
+            style, custom_id = item.get("style"), item.get("custom_id")
+            if style not in (1, 2, 3, 4, 5, 6):
+                return f"unknown button style {style!r}"
+            if style == LINK_STYLE:
+                if not item.get("url") or custom_id is not None:
+                    return "a link button has a url and no custom_id"
+            elif style != 6:  # premium buttons carry a sku_id instead
+                if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 100:
+                    return "a button's custom_id is 1 to 100 characters"
+                if custom_id in seen:
+                    return "custom_ids must be unique within a message"
+                seen.add(custom_id)
+            if len(item.get("label") or "") > 80:
+                return "a button's label is at most 80 characters"
+            if not item.get("label") and not item.get("emoji"):
+                return "a button needs a label or an emoji"
+    return None
+
+
 @dataclass(frozen=True)
 class Recorded:
     """One REST request as Discord would have received it."""
@@ -117,6 +169,16 @@ class _Socket:
     shard: tuple[int, int] = (0, 1)
     identified: asyncio.Event = field(default_factory=asyncio.Event)
     seq: int = 0
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """One gateway dispatch as one connection received it."""
+
+    session_id: str
+    event: str
+    data_id: str | None  # the dispatched object's `id`, when it has one
 
 
 class FakeDiscord:
@@ -132,7 +194,10 @@ class FakeDiscord:
         self.identifies: list[Json] = []
         self.commands: dict[str, list[Json]] = {}  # "global" or guild id → synced commands
         self.callbacks: dict[str, list[Json]] = {}  # interaction id → callback bodies
+        self.dispatched: list[Dispatched] = []  # every dispatch, per connection
         self._interaction_channels: dict[str, str] = {}
+        self._interaction_kinds: dict[str, int] = {}
+        self._interaction_messages: dict[str, str] = {}  # component interaction → message id
         self.messages: dict[str, Json] = {}  # every message, by id
         self.channels: dict[str, Json] = {}
         self.members: dict[str, Json] = {}  # user id → guild member (without user)
@@ -413,6 +478,23 @@ class FakeDiscord:
         ]
         return sorted(found, key=lambda m: int(m["id"]))
 
+    def replies_to(self, message_id: str) -> list[Json]:
+        """The bot's messages that reply to `message_id`, as Discord holds them now."""
+        return [
+            m
+            for m in self.bot_messages()
+            if (m.get("message_reference") or {}).get("message_id") == message_id
+        ]
+
+    def reply_posts(self, message_id: str) -> list[Recorded]:
+        """The requests that posted a reply to `message_id` (refused ones included)."""
+        return [
+            r
+            for r in self.calls("POST", r"/channels/\d+/messages")
+            if isinstance(r.json, dict)
+            and str((r.json.get("message_reference") or {}).get("message_id")) == message_id
+        ]
+
     # --- rate limits ---
 
     def rate_limit(
@@ -480,7 +562,18 @@ class FakeDiscord:
 
     async def _dispatch_to(self, sock: _Socket, event: str, data: Json) -> None:
         sock.seq += 1
+        self.dispatched.append(Dispatched(sock.session_id, event, data.get("id")))
         await self._send(sock, {"op": 0, "t": event, "s": sock.seq, "d": data})
+
+    @property
+    def sessions(self) -> list[str]:
+        """The session ids of the gateway connections that are ready for dispatches (identified
+        and sent their guilds), oldest first."""
+        return [sock.session_id for sock in self._sockets if sock.identified.is_set()]
+
+    def deliveries(self, event: str, data_id: str) -> list[str]:
+        """The sessions (connections) that received dispatch `event` of object `data_id`."""
+        return [d.session_id for d in self.dispatched if d.event == event and d.data_id == data_id]
 
     async def _identify(self, sock: _Socket, data: Json) -> None:
         self.identifies.append(data)
@@ -490,13 +583,14 @@ class FakeDiscord:
             return
         shard = data.get("shard") or [0, 1]
         sock.shard = (int(shard[0]), int(shard[1]))
+        sock.session_id = f"session-{next(self._ids)}"
         ready: Json = {
             "v": 10,
             "user": self.bot,
             "guilds": [{"id": self.guild_id, "unavailable": True}]
             if self._owns_guild(sock)
             else [],
-            "session_id": f"session-{next(self._ids)}",
+            "session_id": sock.session_id,
             "resume_gateway_url": self.gateway_url,
             "application": {
                 "id": self.application_id,
@@ -517,16 +611,20 @@ class FakeDiscord:
         if self._owns_guild(sock):
             await self._dispatch_to(sock, "GUILD_CREATE", self._guild_payload())
         sock.identified.set()
+        await self._touch()
 
     def _owns_guild(self, sock: _Socket, guild_id: str | None = None) -> bool:
         """Discord routes a guild's events to shard (guild_id >> 22) % shard_count."""
         shard_id, count = sock.shard
         return (int(guild_id or self.guild_id) >> 22) % count == shard_id
 
-    async def dispatch(self, event: str, data: Json, *, guild_id: str | None = None) -> None:
-        """Send a dispatch to the shard that owns `guild_id` (shard 0 for DMs)."""
+    async def dispatch(
+        self, event: str, data: Json, *, guild_id: str | None = None, session: str | None = None
+    ) -> None:
+        """Send a dispatch to the shard that owns `guild_id` (shard 0 for DMs): to every such
+        connection, or only to `session`'s (as Discord delivers an interaction to one)."""
         for sock in list(self._sockets):
-            if not sock.identified.is_set():
+            if not sock.identified.is_set() or session not in (None, sock.session_id):
                 continue
             if guild_id is None:
                 if sock.shard[0] != 0:
@@ -571,6 +669,7 @@ class FakeDiscord:
         webhook_id: str | None = None,
         application_id: str | None = None,
         interaction_metadata: Json | None = None,
+        components: list[Json] | None = None,
     ) -> Json:
         guild_id = self._channel_guild(channel_id)
         referenced = self.messages.get(reference["message_id"]) if reference else None
@@ -603,7 +702,7 @@ class FakeDiscord:
             "reactions": [],
             "pinned": False,
             "flags": flags,
-            "components": [],
+            "components": components or [],
             "sticker_items": [],
             "nonce": None,
         }
@@ -712,6 +811,7 @@ class FakeDiscord:
             payload["user"] = user
         self.callbacks[iid] = []
         self._interaction_channels[iid] = channel_id
+        self._interaction_kinds[iid] = kind
         return iid, token, payload
 
     def _command_data(self, name: str, options: list[Json], channel_id: str | None) -> Json:
@@ -761,6 +861,37 @@ class FakeDiscord:
             "INTERACTION_CREATE",
             payload,
             guild_id=self._channel_guild(channel_id or self.channel_id),
+        )
+        return iid
+
+    async def press(
+        self, user: Json, message_id: str, custom_id: str, *, session: str | None = None
+    ) -> str:
+        """`user` presses the button `custom_id` on a message; returns the interaction id.
+
+        Only a button the message carries now can be pressed (Discord sends no interaction for
+        a component that is gone): anything else raises ValueError. `session`: deliver it to
+        that gateway connection only (another replica than the one writing the reply).
+        """
+        message = self.messages[message_id]
+        buttons = [
+            c
+            for row in message["components"]
+            for c in row.get("components", [])
+            if c.get("type") == BUTTON
+        ]
+        button = next((b for b in buttons if b.get("custom_id") == custom_id), None)
+        if button is None or button.get("disabled"):
+            raise ValueError(f"message {message_id} has no enabled button {custom_id!r}")
+        data: Json = {"custom_id": custom_id, "component_type": BUTTON}
+        iid, _, payload = self._interaction(user, MESSAGE_COMPONENT, data, message["channel_id"])
+        payload["message"] = dict(message)
+        self._interaction_messages[iid] = message_id
+        await self.dispatch(
+            "INTERACTION_CREATE",
+            payload,
+            guild_id=self._channel_guild(message["channel_id"]),
+            session=session,
         )
         return iid
 
@@ -918,6 +1049,12 @@ class FakeDiscord:
     def _validate_content(self, body: Any) -> web.Response | None:
         if not isinstance(body, dict):
             return _error(400, "Cannot send an empty message", 50006)
+        problem = _components_problem(body.get("components"))
+        if problem is not None:
+            return _json_response(
+                {"message": "Invalid Form Body", "code": 50035, "errors": {"components": problem}},
+                status=400,
+            )
         content = body.get("content")
         if content is not None and len(content) > 2000:
             return _json_response(
@@ -960,6 +1097,7 @@ class FakeDiscord:
             content=body.get("content") or "",
             reference=reference,
             allowed_mentions=body.get("allowed_mentions"),
+            components=body.get("components"),
         )
         self._later(self.dispatch("MESSAGE_CREATE", message, guild_id=self._channel_guild(cid)))
         return _json_response(message)
@@ -975,6 +1113,8 @@ class FakeDiscord:
             return invalid
         if "content" in body:
             message["content"] = body["content"] or ""
+        if "components" in body:  # absent: unchanged; [] or null: removed
+            message["components"] = body["components"] or []
         replied = message.get("referenced_message")
         users, roles, everyone = self._pings(
             message["content"],
@@ -1063,21 +1203,34 @@ class FakeDiscord:
             return _error(404, "Unknown interaction", 10062)
         if self.callbacks[iid]:
             return _error(400, "Interaction has already been acknowledged.", 40060)
-        if body.get("type") == 4:
-            invalid = self._validate_content(body.get("data"))
+        kind = body.get("type")
+        if kind not in CALLBACKS_ALLOWED[self._interaction_kinds[iid]]:
+            return _error(400, "Interaction callback type not valid for this interaction", 50035)
+        if kind in (4, 7):  # an UPDATE_MESSAGE may leave the content out
+            invalid = self._validate_content(
+                body.get("data") if kind == 4 else body.get("data") or {}
+            )
             if invalid is not None:
                 return invalid
         self.callbacks[iid].append(body)
-        kind = body.get("type")
         data = body.get("data") or {}
         flags = int(data.get("flags") or 0)
         interaction: Json = {
             "id": iid,
-            "type": 2,
+            "type": self._interaction_kinds[iid],
             "response_message_loading": kind == 5,
             "response_message_ephemeral": bool(flags & EPHEMERAL),
         }
         result: Json = {"interaction": interaction}
+        if kind == 7:  # UPDATE_MESSAGE: edit the message the component is on
+            pressed = self.messages[self._interaction_messages[iid]]
+            if "content" in data:
+                pressed["content"] = data["content"] or ""
+            if "components" in data:
+                pressed["components"] = data["components"] or []
+            pressed["edited_timestamp"] = _now_iso()
+            guild_id = self._channel_guild(pressed["channel_id"])
+            self._later(self.dispatch("MESSAGE_UPDATE", dict(pressed), guild_id=guild_id))
         if kind in (4, 5):
             message = self._message(
                 channel_id=self._interaction_channels[iid],

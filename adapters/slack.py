@@ -1,0 +1,503 @@
+"""Slack adapter: slack-bolt's AsyncApp turns events into Turns, and SlackSink posts the replies.
+
+Socket Mode when an app-level token is set, else HTTP mode on the process's HTTP server
+(`/slack/events`). Everything about what to answer and how lives in the core; this module only
+translates: events → `Turn`, one post/edit → one Slack call (neutralised, within the workspace's
+shared `chat.update` budget), slash commands and the model menu → `Conversation.command`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.context.async_context import AsyncBoltContext
+from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_text import classify, mentioned_user_ids, neutralise, settled, to_model_text
+from bot.app import Parley
+from bot.commands import NAMES as COMMAND_NAMES
+from bot.conversation import CommandReply
+from bot.errors import describe
+from bot.streaming import (
+    CURSOR,
+    PLACEHOLDER,
+    THINKING,
+    fence_closer,
+    open_fence,
+    split_message,
+)
+from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+EVENTS_PATH = "/slack/events"
+# Slack asks for messages under 4,000 characters; leave room for neutralised mentions.
+MAX_CHARS = 3800
+SLASH_COMMANDS = ("/model", "/reset", "/parley")
+MODEL_SELECT = "parley_model_select"
+MAX_MENU_OPTIONS = 100  # static_select's limit
+SECTION_CHARS = 3000  # a section block's text limit
+COMMAND_ACK_SECONDS = 2.0  # answer in the ack if the core is this quick, else via response_url
+NAME_TTL = 3600.0
+NAME_RETRY = 60.0  # an unknown or failed user id is tried again after this long
+STATUS_REPEAT = 90.0  # assistant status clears itself after two minutes
+STATUS_TEXT = {"loading": "is loading the model…", "thinking": "is thinking…"}
+# errors after which the status indicator is not worth trying again in this process
+_STATUS_FATAL = {"missing_scope", "not_allowed_token_type", "method_deprecated", "unknown_method"}
+
+
+def _retry_after(error: SlackApiError) -> float | None:
+    """Seconds Slack asked us to wait, if the error is a 429."""
+    if error.response.status_code != 429:
+        return None
+    try:
+        return max(0.0, float(error.response.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
+
+
+def _streamed_text(shown: str) -> str:
+    """The model's text inside a mid-stream rendering (no cursor, no temporary fence closer)."""
+    body = shown.removesuffix(CURSOR)
+    head, newline, last = body.rpartition("\n")
+    fence = open_fence(head) if newline else None
+    if fence is not None and last == fence_closer(fence):
+        return head
+    return body
+
+
+@dataclass
+class _Stream:
+    """A reply message being written with Slack's native streaming."""
+
+    streamed: str = ""  # the text appended so far
+    open: bool = True
+
+
+class _Names:
+    """Display names by user id (`users.info`, cached; the id itself when Slack has none)."""
+
+    def __init__(self, client: AsyncWebClient) -> None:
+        self._client = client
+        self._cache: dict[str, tuple[str, bool, float]] = {}
+
+    async def lookup(self, user_id: str) -> tuple[str, bool]:
+        """(display name, is a workspace admin or owner)."""
+        cached = self._cache.get(user_id)
+        if cached is not None and cached[2] > time.monotonic():
+            return cached[0], cached[1]
+        try:
+            response = await self._client.users_info(user=user_id)
+        except SlackApiError as e:
+            log.info("users.info %s failed: %s", user_id, e.response.get("error"))
+            self._cache[user_id] = (user_id, False, time.monotonic() + NAME_RETRY)
+            return user_id, False
+        user: dict[str, Any] = response.get("user") or {}
+        profile: dict[str, Any] = user.get("profile") or {}
+        name = str(
+            profile.get("display_name")
+            or profile.get("real_name")
+            or user.get("real_name")
+            or user.get("name")
+            or user_id
+        )
+        admin = bool(user.get("is_admin") or user.get("is_owner"))
+        self._cache[user_id] = (name, admin, time.monotonic() + NAME_TTL)
+        return name, admin
+
+    def remember(self, user_id: str, name: str) -> None:
+        self._cache[user_id] = (name, False, float("inf"))
+
+    async def resolve(self, text: str) -> dict[str, str]:
+        """The names of the people `text` mentions (each looked up once)."""
+        users = mentioned_user_ids(text)
+        if missing := users - self._cache.keys():
+            await asyncio.gather(*(self.lookup(u) for u in missing))
+        return {u: self._cache[u][0] for u in users}
+
+
+@dataclass
+class SlackSink:
+    """Posts and edits one reply in one Slack thread (or a DM's main conversation)."""
+
+    adapter: SlackAdapter
+    team_id: str
+    channel: str
+    thread_ts: str | None  # None: top level (a DM's main conversation)
+    user_id: str  # who asked: ephemeral notices, stream recipient
+    native: bool = False  # try chat.startStream for the first message
+    max_chars: int = MAX_CHARS
+    min_edit_interval: float = 1.0
+    _streams: dict[str, _Stream] = field(default_factory=dict)
+    _status_shown: str = ""
+    _status_at: float = 0.0
+
+    @property
+    def _client(self) -> AsyncWebClient:
+        return self.adapter.client
+
+    async def _safe(self, text: str) -> str:
+        return neutralise(text, names=await self.adapter.names.resolve(text))
+
+    async def post(self, text: str) -> MessageRef:
+        if self.native and self.thread_ts and not self._streams:
+            ref = await self._start_stream(text)
+            if ref is not None:
+                return ref
+        try:
+            response = await self._client.chat_postMessage(
+                channel=self.channel,
+                thread_ts=self.thread_ts,
+                markdown_text=await self._safe(text),
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+        except SlackApiError as e:
+            if (wait := _retry_after(e)) is not None:
+                raise PlatformRateLimited(wait) from e
+            raise
+        return MessageRef(id=str(response["ts"]), channel=self.channel)
+
+    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
+        if final or text != THINKING:
+            await self._clear_status()
+        stream = self._streams.get(ref.id)
+        if stream is not None and stream.open and await self._append(ref, stream, text, final):
+            return
+        wait = await self.adapter.limiter.budget_wait(
+            f"slack:update:{self.team_id}", self.adapter.settings.slack_update_budget, 60
+        )
+        if wait > 0:
+            raise PlatformRateLimited(wait)
+        try:
+            await self._client.chat_update(
+                channel=ref.channel or self.channel, ts=ref.id, markdown_text=await self._safe(text)
+            )
+        except SlackApiError as e:
+            if (retry := _retry_after(e)) is not None:
+                raise PlatformRateLimited(retry) from e
+            raise
+
+    async def notify(self, text: str) -> None:
+        try:
+            await self._client.chat_postEphemeral(
+                channel=self.channel,
+                user=self.user_id,
+                thread_ts=self.thread_ts,
+                markdown_text=await self._safe(text),
+            )
+        except SlackApiError as e:
+            # not in the channel, or Slack refused: the notice still must not vanish silently
+            log.warning("ephemeral notice failed (%s); posting it", e.response.get("error"))
+            await self.post(text)
+
+    async def show_waiting(self, state: str) -> None:
+        """`assistant.threads.setStatus` in threads; the placeholder already shows elsewhere."""
+        if not self.thread_ts or not self.adapter.status_allowed:
+            return
+        status = STATUS_TEXT.get(state, STATUS_TEXT["loading"])
+        now = time.monotonic()
+        if status == self._status_shown and now - self._status_at < STATUS_REPEAT:
+            return
+        try:
+            await self._client.assistant_threads_setStatus(
+                channel_id=self.channel, thread_ts=self.thread_ts, status=status
+            )
+        except SlackApiError as e:
+            error = str(e.response.get("error"))
+            if error in _STATUS_FATAL:
+                log.info("no assistant status in Slack (%s): the placeholder shows it", error)
+                self.adapter.status_allowed = False
+            return
+        self._status_shown, self._status_at = status, now
+
+    async def _clear_status(self) -> None:
+        if not self._status_shown:
+            return
+        self._status_shown = ""
+        with contextlib.suppress(SlackApiError):
+            await self._client.assistant_threads_setStatus(
+                channel_id=self.channel, thread_ts=self.thread_ts or "", status=""
+            )
+
+    # --- native streaming ---
+
+    async def _start_stream(self, text: str) -> MessageRef | None:
+        """Open a native stream as the reply's first message; None to fall back to a post."""
+        first = "" if text == PLACEHOLDER else await self._safe(text)
+        in_dm = self.channel.startswith("D")
+        try:
+            response = await self._client.chat_startStream(
+                channel=self.channel,
+                thread_ts=self.thread_ts or "",
+                markdown_text=first or None,
+                recipient_team_id=None if in_dm else self.team_id,
+                recipient_user_id=None if in_dm else self.user_id,
+            )
+        except SlackApiError as e:
+            log.info("native streaming unavailable (%s): editing instead", e.response.get("error"))
+            return None
+        ts = str(response["ts"])
+        self._streams[ts] = _Stream(streamed=first)
+        return MessageRef(id=ts, channel=self.channel)
+
+    async def _append(self, ref: MessageRef, stream: _Stream, text: str, final: bool) -> bool:
+        """Append what is new to the stream (and stop it when final); False to edit instead."""
+        if text == THINKING and not final:
+            return True  # the status line says it; a stream cannot take text back
+        wanted = await self._safe(text if final else settled(_streamed_text(text)))
+        if not wanted.startswith(stream.streamed):
+            await self._stop_stream(ref, stream)
+            return False  # not an append: the fallback edit rewrites the message
+        delta = wanted[len(stream.streamed) :]
+        try:
+            if final:
+                await self._client.chat_stopStream(
+                    channel=self.channel, ts=ref.id, markdown_text=delta or None
+                )
+                stream.open = False
+            elif delta:
+                await self._client.chat_appendStream(
+                    channel=self.channel, ts=ref.id, markdown_text=delta
+                )
+        except SlackApiError as e:
+            if (wait := _retry_after(e)) is not None:
+                raise PlatformRateLimited(wait) from e
+            log.info("stream ended (%s): editing instead", e.response.get("error"))
+            stream.open = False
+            return False
+        stream.streamed = wanted
+        return True
+
+    async def _stop_stream(self, ref: MessageRef, stream: _Stream) -> None:
+        stream.open = False
+        with contextlib.suppress(SlackApiError):
+            await self._client.chat_stopStream(channel=self.channel, ts=ref.id)
+
+
+class SlackAdapter:
+    """Serves one Slack workspace through bolt's AsyncApp, in Socket Mode or HTTP mode."""
+
+    name = "slack"
+
+    def __init__(self, parley: Parley) -> None:
+        settings = parley.settings
+        if settings.slack_bot_token is None:
+            raise ValueError("PARLEY_SLACK_BOT_TOKEN: required for the Slack adapter")
+        self.parley = parley
+        self.settings = settings
+        self.limiter = parley.limiter
+        self.conversation = parley.conversation
+        self.socket_mode = settings.slack_app_token is not None
+        if not self.socket_mode and settings.slack_signing_secret is None:
+            raise ValueError(
+                "PARLEY_SLACK_SIGNING_SECRET: required for Slack's HTTP mode "
+                "(or set PARLEY_SLACK_APP_TOKEN for Socket Mode)"
+            )
+        # one connection pool for every Web API call of this process
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self.client = AsyncWebClient(
+            token=settings.slack_bot_token.get_secret_value(),
+            base_url=settings.slack_api_url,
+            session=self._session,
+        )
+        secret = settings.slack_signing_secret
+        self.app = AsyncApp(
+            name="parley",
+            client=self.client,
+            signing_secret=secret.get_secret_value() if secret else "",
+            request_verification_enabled=not self.socket_mode,
+        )
+        self.names = _Names(self.client)
+        self.status_allowed = True
+        self._socket: AsyncSocketModeHandler | None = None
+        self._turns: set[asyncio.Task[Any]] = set()
+
+        self.app.event("app_mention")(self._on_message)
+        self.app.event("message")(self._on_message)
+        for command in SLASH_COMMANDS:
+            self.app.command(command)(self._on_command)
+        self.app.action(MODEL_SELECT)(self._on_model_selected)
+        if not self.socket_mode:
+            parley.http.router.add_post(EVENTS_PATH, self._on_http)
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Check the token, then connect (Socket Mode) or rely on the HTTP route (HTTP mode)."""
+        identity = await self.client.auth_test()
+        self.names.remember(str(identity.get("user_id")), str(identity.get("user")))
+        log.info(
+            "Slack: signed in as %s in %s (%s mode)",
+            identity.get("user"),
+            identity.get("team"),
+            "Socket" if self.socket_mode else f"HTTP, POST {EVENTS_PATH}",
+        )
+        if self.settings.slack_app_token is not None:
+            self._socket = AsyncSocketModeHandler(
+                self.app, self.settings.slack_app_token.get_secret_value()
+            )
+            await self._socket.connect_async()  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        """Stop taking events, finish the replies in flight as stopped, close connections."""
+        if self._socket is not None:
+            await self._socket.close_async()  # type: ignore[no-untyped-call]
+            self._socket = None
+        turns = list(self._turns)
+        for task in turns:
+            task.cancel()
+        if turns:
+            await asyncio.wait(turns, timeout=10)
+        await self._session.close()
+
+    async def _on_http(self, request: web.Request) -> web.Response:
+        response = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
+
+    # --- messages ---
+
+    async def _on_message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
+        """app_mention and every message event: decide, build the Turn, hand it to the core."""
+        bot_user_id = context.bot_user_id or ""
+        trigger = classify(event, bot_user_id=bot_user_id)
+        if trigger is None:
+            return
+        team_id = context.team_id or str(event.get("team") or "")
+        channel, ts = str(event["channel"]), str(event["ts"])
+        thread_ts = str(event.get("thread_ts") or "")
+        # a mention is answered in its thread; a DM in place ("" is the DM's main conversation)
+        thread = thread_ts if trigger == "dm" else thread_ts or ts
+        key = ConversationKey(PLATFORM, team_id, channel, thread)
+        if trigger == "thread" and not (
+            self.settings.slack_thread_followups and await self.conversation.is_active(key)
+        ):
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._turns.add(task)
+        try:
+            raw = str(event.get("text") or "")
+            user_id = str(event["user"])
+            (user_name, is_admin), names = await asyncio.gather(
+                self.names.lookup(user_id), self.names.resolve(raw)
+            )
+            turn = Turn(
+                key=key,
+                user_id=user_id,
+                user_name=user_name,
+                text=to_model_text(raw, bot_user_id=bot_user_id, names=names),
+                event_id=f"{channel}:{ts}",  # one message = one answer, whichever event brings it
+                is_admin=is_admin,
+            )
+            sink = SlackSink(
+                self,
+                team_id=team_id,
+                channel=channel,
+                thread_ts=thread or None,
+                user_id=user_id,
+                native=self.settings.slack_native_streaming,
+                min_edit_interval=self.settings.edit_interval,
+            )
+            await self.conversation.handle(turn, sink)
+        finally:
+            if task is not None:
+                self._turns.discard(task)
+
+    # --- slash commands and the model menu ---
+
+    async def _on_command(
+        self,
+        ack: AsyncAck,
+        command: dict[str, Any],
+        respond: AsyncRespond,
+        context: AsyncBoltContext,
+    ) -> None:
+        name, args = _command_words(str(command["command"]), str(command.get("text") or ""))
+        key = ConversationKey(
+            PLATFORM, context.team_id or str(command.get("team_id")), str(command["channel_id"]), ""
+        )
+        turn = Turn(key=key, user_id=str(command["user_id"]), user_name="", text="", event_id="")
+        work = asyncio.ensure_future(self._command(turn, name, args))
+        done, _ = await asyncio.wait({work}, timeout=COMMAND_ACK_SECONDS)
+        if done:
+            await ack(self._command_message(work.result(), name))
+            return
+        await ack(response_type="ephemeral", text="One moment…")
+        await respond(self._command_message(await work, name) | {"replace_original": True})
+
+    async def _command(self, turn: Turn, name: str, args: str) -> CommandReply:
+        try:
+            return await self.conversation.command(turn, name, args)
+        except Exception as e:
+            log.exception("/%s failed", name)
+            return CommandReply(describe(e))
+
+    async def _on_model_selected(
+        self,
+        ack: AsyncAck,
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: AsyncRespond,
+        context: AsyncBoltContext,
+    ) -> None:
+        await ack()
+        channel = (body.get("channel") or {}).get("id") or body["container"]["channel_id"]
+        team_id = context.team_id or str((body.get("team") or {}).get("id"))
+        user_id = str((body.get("user") or {}).get("id"))
+        choice = str(action["selected_option"]["value"])
+        key = ConversationKey(PLATFORM, team_id, str(channel), "")
+        turn = Turn(key=key, user_id=user_id, user_name="", text="", event_id="")
+        reply = await self._command(turn, "model", choice)
+        await respond(self._command_message(reply, "model") | {"replace_original": True})
+
+    def _command_message(self, reply: CommandReply, name: str) -> dict[str, Any]:
+        """An ephemeral answer: the text, plus the model menu when models were listed."""
+        text = neutralise(reply.text)
+        blocks: list[dict[str, Any]] = [
+            {"type": "section", "text": {"type": "mrkdwn", "text": part}}
+            for part in split_message(text, SECTION_CHARS)
+        ]
+        if name == "model" and reply.models:
+            blocks.append(_model_menu(reply.models, reply.current))
+        return {"response_type": "ephemeral", "text": text, "blocks": blocks}
+
+
+def _command_words(command: str, text: str) -> tuple[str, str]:
+    """`/model x` → ("model", "x"); `/parley reset` → ("reset", ""); `/parley` → help."""
+    if command != "/parley":
+        return command.lstrip("/"), text.strip()
+    word, _, rest = text.strip().partition(" ")
+    if word.lower() in COMMAND_NAMES:
+        return word.lower(), rest.strip()
+    return "help", ""
+
+
+def _model_menu(models: list[str], current: str | None) -> dict[str, Any]:
+    def option(name: str) -> dict[str, Any]:
+        return {"text": {"type": "plain_text", "text": name[:75]}, "value": name[:150]}
+
+    shown = models[:MAX_MENU_OPTIONS]
+    select: dict[str, Any] = {
+        "type": "static_select",
+        "action_id": MODEL_SELECT,
+        "placeholder": {"type": "plain_text", "text": "Switch this channel's model"},
+        "options": [option(m) for m in shown],
+    }
+    if current in shown:
+        select["initial_option"] = option(current)
+    return {"type": "actions", "block_id": "model", "elements": [select]}

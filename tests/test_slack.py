@@ -1,0 +1,619 @@
+"""The Slack adapter end to end: the real slack-bolt app, in Socket Mode and in HTTP mode,
+against a fake Slack Web API and a fake Ollama on loopback, with a real Redis."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import yaml
+from aiohttp import web
+from limits import RateLimitItemPerSecond
+
+from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, SlackAdapter
+from adapters.slack_text import JOINER
+from bot.app import Parley
+from bot.settings import Settings
+from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
+from tests.fakes.model_server import FakeModelServer, Script, word_pieces
+from tests.fakes.slack import (
+    APP_TOKEN,
+    BOT_TOKEN,
+    BOT_USER_ID,
+    SIGNING_SECRET,
+    TEAM_ID,
+    ApiCall,
+    FakeSlack,
+)
+
+INTERVAL = 0.2
+CHANNEL = "C0GENERAL"
+MANIFEST = Path(__file__).parent.parent / "adapters" / "slack_manifest.yaml"
+REPLY = (
+    "Redis keeps data in memory and writes it to disk in the background. It answers most "
+    "commands in well under a millisecond, which is why it suits caches, queues, counters "
+    "and locks. Lists, hashes, sets and sorted sets are built in, and Lua scripts run "
+    "atomically next to the data."
+)
+
+
+@dataclass
+class Bot:
+    parley: Parley
+    adapter: SlackAdapter
+    mode: str
+    events_url: str
+    connection: int  # this bot's Socket Mode connection at the fake
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[FakeModelServer]:
+    async with FakeModelServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def slack_bot(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str, **overrides: Any
+) -> AsyncIterator[Bot]:
+    """One Parley process with the Slack adapter started, as `parley run` would run it."""
+    settings = Settings(
+        _env_file=None,
+        redis_url=redis_url,
+        backends=[{"name": "local", "kind": "ollama", "url": model.url}],
+        edit_interval=INTERVAL,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=slack.api_url,
+        slack_app_token=APP_TOKEN if mode == "socket" else None,
+        slack_signing_secret=SIGNING_SECRET if mode == "http" else None,
+        **overrides,
+    )
+    parley = await Parley.open(settings)
+    adapter = SlackAdapter(parley)
+    runner = web.AppRunner(parley.http)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    connection = slack.connections
+    try:
+        await adapter.start()
+        if mode == "socket":
+            await slack.wait_for(lambda: slack.connections > connection)
+        yield Bot(parley, adapter, mode, f"http://127.0.0.1:{port}/slack/events", connection)
+    finally:
+        await adapter.stop()
+        await runner.cleanup()
+        await parley.aclose()
+
+
+async def send_event(
+    slack: FakeSlack,
+    bot: Bot,
+    event: dict[str, Any],
+    *,
+    retry: int | None = None,
+    event_id: str | None = None,
+) -> None:
+    """Deliver one Events API event to `bot` the way its transport does, and see it acked."""
+    body = slack.event_body(event, event_id=event_id)
+    if bot.mode == "socket":
+        envelope = await slack.send_envelope(
+            "events_api",
+            body,
+            connection=bot.connection,
+            retry_attempt=retry,
+            retry_reason="timeout" if retry else None,
+        )
+        assert await slack.acked(envelope) == {}
+    else:
+        status, _ = await slack.post_event(bot.events_url, body, retry_num=retry)
+        assert status == 200
+
+
+async def send_command(slack: FakeSlack, bot: Bot, command: str, text: str = "") -> dict[str, Any]:
+    """Run a slash command; returns the immediate (ack) response body."""
+    payload = slack.command_payload(command, text)
+    if bot.mode == "socket":
+        envelope = await slack.send_envelope("slash_commands", payload, connection=bot.connection)
+        return await slack.acked(envelope)
+    status, body = await slack.post_form(bot.events_url, payload)
+    assert status == 200
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+async def send_action(slack: FakeSlack, bot: Bot, payload: dict[str, Any]) -> None:
+    if bot.mode == "socket":
+        envelope = await slack.send_envelope("interactive", payload, connection=bot.connection)
+        await slack.acked(envelope)
+    else:
+        status, _ = await slack.post_form(bot.events_url, {"payload": json.dumps(payload)})
+        assert status == 200
+
+
+def thread_text(slack: FakeSlack, thread_ts: str, channel: str = CHANNEL) -> str:
+    return "\n\n".join(m.text for m in slack.thread(channel, thread_ts))
+
+
+async def reply_in_thread(slack: FakeSlack, thread_ts: str, text: str) -> None:
+    try:
+        await slack.wait_for(lambda: thread_text(slack, thread_ts) == text)
+    except TimeoutError:
+        assert thread_text(slack, thread_ts) == text  # shows what the thread holds instead
+        raise
+
+
+def sent_texts(slack: FakeSlack) -> list[str]:
+    """Every text the bot made Slack show: posts, edits, streams, notices."""
+    return [
+        str(c.params.get("markdown_text") or c.params.get("text") or "")
+        for c in slack.calls
+        if c.method.startswith("chat.")
+    ]
+
+
+def updates_of(slack: FakeSlack, ts: str) -> list[ApiCall]:
+    return [c for c in slack.ok_calls_to("chat.update") if c.params["ts"] == ts]
+
+
+# --- streaming a reply ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    tokens = word_pieces(REPLY)
+    model.script(Script(tokens=tokens, delay=0.01))
+    slack.echo = True  # Slack sends our own posts and edits back to us as events
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        slack.http_event_url = bot.events_url
+        mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], REPLY)
+        echoes = await slack.echoes_delivered()
+        # every edit took a slot of the workspace's chat.update budget, kept in Redis
+        budget = RateLimitItemPerSecond(bot.parley.settings.slack_update_budget, 60)
+        stats = await bot.parley.limiter.window.get_window_stats(
+            budget, "budget", f"slack:update:{TEAM_ID}"
+        )
+        # had an echo been answered, its reply would be under way before this one ends
+        later = slack.user_message(f"<@{BOT_USER_ID}> thanks", event_type="app_mention")
+        await send_event(slack, bot, later)
+        await reply_in_thread(slack, later["ts"], "You said: thanks")
+
+    placeholder, _ = slack.calls_to("chat.postMessage")
+    assert placeholder.params["channel"] == CHANNEL
+    assert placeholder.params["thread_ts"] == mention["ts"]
+    assert placeholder.params["markdown_text"] == PLACEHOLDER
+    assert placeholder.authorization == f"Bearer {BOT_TOKEN}"
+
+    edits = updates_of(slack, slack.thread(CHANNEL, mention["ts"])[0].ts)
+    assert edits[-1].params["markdown_text"] == REPLY
+    assert all(e.params["markdown_text"].endswith(CURSOR) for e in edits[:-1])
+    assert 2 <= len(edits) <= len(tokens) // 4
+    gaps = [b.at - a.at for a, b in itertools.pairwise(edits[:-1])]  # the last is not held
+    assert all(gap >= INTERVAL * 0.8 for gap in gaps), gaps
+    assert stats.remaining == budget.amount - len(edits)
+    # our own post and edits came back as events and none of them was answered
+    assert echoes == 1 + len(edits)
+    assert len(model.chat_requests) == 2
+    assert len(slack.calls_to("chat.postMessage")) == 2
+
+
+async def test_follow_up_in_the_thread_is_answered_with_the_earlier_exchange(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(
+            f"<@{BOT_USER_ID}> say hi to <@U0BOB>", event_type="app_mention"
+        )
+        await send_event(slack, bot, mention)
+        first = "You said: say hi to @Bob Builder"
+        await reply_in_thread(slack, mention["ts"], first)
+
+        follow_up = slack.user_message("and to Carol?", user="U0BOB", thread_ts=mention["ts"])
+        await send_event(slack, bot, follow_up)
+        # with two people in the thread the model is told who says what
+        second = "You said: Bob Builder: and to Carol?"
+        await reply_in_thread(slack, mention["ts"], f"{first}\n\n{second}")
+
+    messages = model.chat_requests[-1]["messages"]
+    said = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+    assert said == [
+        ("user", "Alice: say hi to @Bob Builder"),
+        ("assistant", first),
+        ("user", "Bob Builder: and to Carol?"),
+    ]
+
+
+async def test_a_follow_up_sent_while_the_reply_streams_is_answered_next(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
+        follow_up = slack.user_message("and Valkey?", thread_ts=mention["ts"])
+        await send_event(slack, bot, follow_up)
+        await reply_in_thread(slack, mention["ts"], f"{REPLY}\n\nYou said: and Valkey?")
+
+
+async def test_thread_chatter_is_ignored_where_the_bot_never_answered_or_followups_are_off(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "socket", slack_thread_followups=False) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], "You said: hello")
+        strangers = slack.user_message("unrelated thread", thread_ts="1600000000.000100")
+        await send_event(slack, bot, strangers)
+        follow_up = slack.user_message("no mention here", thread_ts=mention["ts"])
+        await send_event(slack, bot, follow_up)
+        # a later mention is answered: by then the earlier events were long decided
+        again = slack.user_message(f"<@{BOT_USER_ID}> again", thread_ts=mention["ts"])
+        await send_event(slack, bot, again)
+        await reply_in_thread(slack, mention["ts"], "You said: hello\n\nYou said: again")
+
+    assert len(model.chat_requests) == 2
+
+
+async def test_direct_messages_are_answered_in_place(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "http") as bot:
+        dm = slack.user_message("hello there", channel="D0ALICE")
+        await send_event(slack, bot, dm)
+        await slack.wait_for(
+            lambda: [m.text for m in slack.messages.values()] == ["You said: hello there"]
+        )
+    (post,) = slack.calls_to("chat.postMessage")
+    assert post.params["channel"] == "D0ALICE"
+    assert "thread_ts" not in post.params
+
+
+async def test_stopping_the_adapter_mid_reply_leaves_it_marked_stopped(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.05))
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> go on", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
+        await bot.adapter.stop()
+        shown = thread_text(slack, mention["ts"])
+    assert shown.endswith(STOPPED) and REPLY.startswith(shown.removesuffix(STOPPED).strip())
+
+
+# --- exactly once ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_a_retried_or_doubly_delivered_mention_is_answered_once(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        text = f"<@{BOT_USER_ID}> count to three"
+        mention = slack.user_message(text, event_type="app_mention")
+        await send_event(slack, bot, mention, event_id="Ev0MENTION")
+        # the same message again as `message` (message.channels), then Slack's retries
+        as_message = {**mention, "type": "message", "channel_type": "channel"}
+        await send_event(slack, bot, as_message, event_id="Ev0MESSAGE")
+        await send_event(slack, bot, mention, event_id="Ev0MENTION", retry=1)
+        await send_event(slack, bot, mention, event_id="Ev0MENTION", retry=2)
+        await reply_in_thread(slack, mention["ts"], "You said: count to three")
+        # a later, different message is answered: the duplicates were long decided by then
+        other = slack.user_message(f"<@{BOT_USER_ID}> next", event_type="app_mention")
+        await send_event(slack, bot, other)
+        await reply_in_thread(slack, other["ts"], "You said: next")
+
+    assert len(slack.thread(CHANNEL, mention["ts"])) == 1
+    assert len(model.chat_requests) == 2
+
+
+async def test_a_mention_delivered_twice_counts_once_against_the_users_limits(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    """Slack sends every channel mention as `app_mention` and as `message`: one request."""
+    async with slack_bot(slack, model, redis_url, "socket", rate_limit="2/minute") as bot:
+        for text in ("first", "second"):
+            mention = slack.user_message(f"<@{BOT_USER_ID}> {text}", event_type="app_mention")
+            await send_event(slack, bot, mention)
+            await send_event(slack, bot, {**mention, "type": "message", "channel_type": "channel"})
+            await reply_in_thread(slack, mention["ts"], f"You said: {text}")
+    assert slack.calls_to("chat.postEphemeral") == []
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_two_instances_sharing_redis_answer_one_event_once(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(slack_bot(slack, model, redis_url, mode))
+        second = await stack.enter_async_context(slack_bot(slack, model, redis_url, mode))
+        mention = slack.user_message(f"<@{BOT_USER_ID}> only once", event_type="app_mention")
+        await send_event(slack, first, mention, event_id="Ev0ONCE")
+        await send_event(slack, second, mention, event_id="Ev0ONCE", retry=1)
+        await reply_in_thread(slack, mention["ts"], "You said: only once")
+        other = slack.user_message(f"<@{BOT_USER_ID}> later", event_type="app_mention")
+        await send_event(slack, second, other)
+        await reply_in_thread(slack, other["ts"], "You said: later")
+
+    assert len(slack.thread(CHANNEL, mention["ts"])) == 1
+    assert len(model.chat_requests) == 2
+
+
+async def test_a_forged_signature_gets_401_and_nothing_is_posted(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "http") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> hi", event_type="app_mention")
+        raw = json.dumps(slack.event_body(mention))
+        kind = "application/json"
+        forged = await slack.post_http(bot.events_url, raw, kind, secret="not-the-secret")
+        replayed = await slack.post_http(bot.events_url, raw, kind, timestamp=1_600_000_000)
+        unsigned = await slack.post_http(bot.events_url, raw, kind, signed=False)
+        command = slack.command_payload("/model", "qwen3:8b")
+        forged_command = await slack.post_http(
+            bot.events_url, urlencode(command), "application/x-www-form-urlencoded", secret="x"
+        )
+    assert [r[0] for r in (forged, replayed, unsigned, forged_command)] == [401] * 4
+    assert slack.calls_to("chat.postMessage") == []
+    assert model.chat_requests == []
+
+
+async def test_the_request_url_check_is_answered_with_its_challenge(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    """What Slack sends when the Request URL is entered in the app settings."""
+    async with slack_bot(slack, model, redis_url, "http") as bot:
+        check = {"token": "legacy", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY", "type": ""}
+        check["type"] = "url_verification"
+        status, body = await slack.post_event(bot.events_url, check)
+    assert status == 200 and json.loads(body) == {"challenge": check["challenge"]}
+
+
+# --- output safety and errors ---------------------------------------------------------------
+
+
+async def test_broadcasts_in_model_output_reach_slack_neutralised(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    tokens = ["Attention ", "<!chan", "nel>", " and ", "<!here|here>", ", also ", "@every"]
+    tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "!"]
+    model.script(Script(tokens=tokens, delay=0.01))
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> shout", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        final = (
+            f"Attention @{JOINER}channel and @{JOINER}here, also @{JOINER}everyone and "
+            f"@{JOINER}Bob Builder and @{JOINER}devs!"
+        )
+        await reply_in_thread(slack, mention["ts"], final)
+
+    for text in sent_texts(slack):
+        assert "<!" not in text and "<@" not in text
+        for word in ("@channel", "@here", "@everyone"):
+            assert word not in text
+
+
+async def test_backend_errors_appear_in_the_thread(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(status=503))
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> hi", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: "busy" in thread_text(slack, mention["ts"]))
+    assert CURSOR not in thread_text(slack, mention["ts"])
+
+
+async def test_a_rate_limited_user_gets_an_ephemeral_notice_with_the_wait(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "socket", rate_limit="1/minute") as bot:
+        first = slack.user_message(f"<@{BOT_USER_ID}> one", event_type="app_mention")
+        await send_event(slack, bot, first)
+        await reply_in_thread(slack, first["ts"], "You said: one")
+        second = slack.user_message(f"<@{BOT_USER_ID}> two", event_type="app_mention")
+        await send_event(slack, bot, second)
+        await slack.wait_for(lambda: bool(slack.calls_to("chat.postEphemeral")))
+
+    (notice,) = slack.calls_to("chat.postEphemeral")
+    assert notice.params["user"] == "U0ALICE"
+    assert notice.params["channel"] == CHANNEL
+    assert notice.params["thread_ts"] == second["ts"]
+    assert "Try again in" in notice.params["markdown_text"]
+    assert slack.thread(CHANNEL, second["ts"]) == []
+
+
+async def test_429s_on_chat_update_slow_the_edits_and_the_whole_text_still_lands(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    slack.rate_limit("chat.update", times=2, retry_after=0.3)
+    async with slack_bot(slack, model, redis_url, "http") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> tell me", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], REPLY)
+
+    updates = slack.calls_to("chat.update")
+    refused = [i for i, c in enumerate(updates) if c.status == 429]
+    assert len(refused) == 2
+    for i in refused:
+        assert updates[i + 1].at - updates[i].at >= 0.3 * 0.9
+    assert updates[-1].status == 200 and updates[-1].params["markdown_text"] == REPLY
+
+
+async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    sentence = "Each paragraph of this answer talks about one part of the system in detail. "
+    paragraphs = [f"{i}. " + sentence * 5 + "That is all for this part." for i in range(20)]
+    long_reply = "\n\n".join(paragraphs)
+    assert len(long_reply) > 8000
+    words = word_pieces(long_reply)
+    pieces = ["".join(words[i : i + 8]) for i in range(0, len(words), 8)]
+    model.script(Script(tokens=pieces, delay=0.003))  # streaming while pages fill and spill
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> essay", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], long_reply)
+
+    pages = [m.text for m in slack.thread(CHANNEL, mention["ts"])]
+    assert len(pages) == 3
+    assert all(len(p) <= MAX_CHARS for p in pages)
+    assert all(p.endswith("That is all for this part.") for p in pages)
+    for call in slack.calls:
+        assert len(str(call.params.get("markdown_text", ""))) <= MAX_CHARS
+
+
+# --- native streaming -----------------------------------------------------------------------
+
+
+async def test_native_streaming_appends_in_the_thread_and_shows_a_status_while_loading(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.01, first_delay=0.2))
+    async with slack_bot(slack, model, redis_url, "socket", slack_native_streaming=True) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> stream it", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], REPLY)
+        await slack.wait_for(lambda: bool(slack.calls_to("chat.stopStream")))
+
+    (start,) = slack.calls_to("chat.startStream")
+    assert start.params["thread_ts"] == mention["ts"]
+    assert start.params["recipient_team_id"] == TEAM_ID
+    assert start.params["recipient_user_id"] == "U0ALICE"
+    assert len(slack.calls_to("chat.appendStream")) >= 2
+    assert slack.calls_to("chat.update") == []
+    assert slack.calls_to("chat.postMessage") == []
+    statuses = [c.params["status"] for c in slack.calls_to("assistant.threads.setStatus")]
+    assert statuses[0] == "is loading the model…" and statuses[-1] == ""
+    assert all(
+        c.params["thread_ts"] == mention["ts"] for c in slack.calls if "thread_ts" in c.params
+    )
+
+
+async def test_an_expired_native_stream_falls_back_to_edits_and_completes(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(slack, model, redis_url, "socket", slack_native_streaming=True) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> stream it", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: bool(slack.ok_calls_to("chat.appendStream")))
+        (stream,) = slack.thread(CHANNEL, mention["ts"])
+        slack.expire_stream(CHANNEL, stream.ts)
+        await reply_in_thread(slack, mention["ts"], REPLY)
+
+    assert slack.ok_calls_to("chat.update")[-1].params["ts"] == stream.ts
+    assert len(slack.thread(CHANNEL, mention["ts"])) == 1
+
+
+# --- slash commands and the model menu ------------------------------------------------------
+
+
+def menu(response: dict[str, Any]) -> dict[str, Any]:
+    (actions,) = [b for b in response["blocks"] if b["type"] == "actions"]
+    (select,) = actions["elements"]
+    assert select["type"] == "static_select" and select["action_id"] == MODEL_SELECT
+    return dict(select)
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_slash_model_lists_sets_and_rejects_with_suggestions(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        listing = await send_command(slack, bot, "/model")
+        assert listing["response_type"] == "ephemeral"
+        assert "llama3.2:latest" in listing["text"] and "qwen3:8b" in listing["text"]
+        select = menu(listing)
+        assert [o["value"] for o in select["options"]] == ["llama3.2:latest", "qwen3:8b"]
+        assert select["initial_option"]["value"] == "llama3.2:latest"
+
+        chosen = await send_command(slack, bot, "/model", "qwen3:8b")
+        assert "qwen3:8b" in chosen["text"] and chosen["response_type"] == "ephemeral"
+
+        wrong = await send_command(slack, bot, "/model", "lama3.2")
+        assert "Did you mean" in wrong["text"] and "llama3.2:latest" in wrong["text"]
+
+        mention = slack.user_message(f"<@{BOT_USER_ID}> which model?", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], "You said: which model?")
+    assert model.chat_requests[-1]["model"] == "qwen3:8b"
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_the_model_menu_sets_the_channels_model(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        await send_action(slack, bot, slack.select_payload(MODEL_SELECT, "qwen3:8b"))
+        await slack.wait_for(lambda: bool(slack.responses))
+        (answer,) = slack.responses
+        assert answer["replace_original"] is True
+        assert answer["response_type"] == "ephemeral"
+        assert "qwen3:8b" in answer["text"]
+        assert menu(answer)["initial_option"]["value"] == "qwen3:8b"
+
+        listing = await send_command(slack, bot, "/model")
+        assert "Current model here: `qwen3:8b`" in listing["text"]
+
+
+async def test_reset_and_help_answer_ephemerally(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(slack, model, redis_url, "socket") as bot:
+        for text in ("remember me", "and this"):  # the second starts once the first is saved
+            await send_event(slack, bot, slack.user_message(text, channel="D0ALICE"))
+            await slack.wait_for(
+                lambda t=text: f"You said: {t}" in [m.text for m in slack.messages.values()]
+            )
+        payload = slack.command_payload("/reset", channel="D0ALICE")
+        envelope = await slack.send_envelope("slash_commands", payload)
+        reset = await slack.acked(envelope)
+        assert reset["response_type"] == "ephemeral" and "forgotten" in reset["text"]
+        helped = await send_command(slack, bot, "/parley", "help")
+        assert "model" in helped["text"] and "reset" in helped["text"]
+        assert "blocks" in helped
+        in_thread = slack.user_message(f"<@{BOT_USER_ID}> model qwen3:8b", event_type="app_mention")
+        await send_event(slack, bot, in_thread)
+        await slack.wait_for(lambda: "qwen3:8b" in thread_text(slack, in_thread["ts"]))
+    assert len(model.chat_requests) == 2
+
+
+def test_the_manifest_declares_what_the_adapter_handles() -> None:
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    commands = {c["command"] for c in manifest["features"]["slash_commands"]}
+    assert commands == set(SLASH_COMMANDS)
+    settings = manifest["settings"]
+    assert set(settings["event_subscriptions"]["bot_events"]) == {
+        "app_mention",
+        "message.channels",
+        "message.groups",
+        "message.im",
+        "message.mpim",
+    }
+    assert settings["interactivity"]["is_enabled"] is True
+    assert settings["socket_mode_enabled"] is True
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"app_mentions:read", "chat:write", "commands", "users:read", "im:history"} <= scopes
+    assert {"channels:history", "groups:history", "mpim:history"} <= scopes
+    assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
