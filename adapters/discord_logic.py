@@ -219,7 +219,8 @@ def stop_token_of(custom_id: str) -> str | None:
         return None
     token = custom_id.removeprefix(STOP_PREFIX)
     platform, _, event_id = token.partition(":")
-    return token if platform == PLATFORM and event_id.isdigit() else None
+    snowflake = event_id.isascii() and event_id.isdigit()
+    return token if platform == PLATFORM and snowflake else None
 
 
 def being_written(text: str) -> bool:

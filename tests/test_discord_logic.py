@@ -175,6 +175,7 @@ def test_only_our_own_discord_stop_buttons_are_read(custom_id: str) -> None:
     assert token is None or (
         custom_id == "parley:stop:" + token
         and token.startswith("discord:")
+        and token.removeprefix("discord:").isascii()
         and token.removeprefix("discord:").isdigit()
     )
 
@@ -184,6 +185,7 @@ def test_other_components_and_other_platforms_tokens_are_not_stop_buttons() -> N
     assert stop_token_of("parley:stop:discord:") is None
     assert stop_token_of("parley:stop:") is None
     assert stop_token_of("something:else:discord:123") is None
+    assert stop_token_of("parley:stop:discord:١٢٣") is None  # digits, but not a snowflake
 
 
 def test_a_token_too_long_for_a_custom_id_is_refused() -> None:
