@@ -295,6 +295,13 @@ class DiscordAdapter:
         self._withheld_told: dict[int, float] = {}
 
     @property
+    def ready(self) -> bool:
+        """Connected to the gateway (for /readyz)."""
+        return (
+            self._connection is not None and self.client.is_ready() and not self.client.is_closed()
+        )
+
+    @property
     def client(self) -> discord.Client:
         if self._connection is None:
             raise RuntimeError("the Discord adapter is not started")

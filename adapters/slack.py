@@ -29,7 +29,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_text import classify, mentioned_user_ids, neutralise, settled, to_model_text
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
-from bot.conversation import CommandReply
+from bot.conversation import CommandReply, stop_token
 from bot.errors import describe
 from bot.streaming import (
     CURSOR,
@@ -49,6 +49,8 @@ EVENTS_PATH = "/slack/events"
 MAX_CHARS = 3800
 SLASH_COMMANDS = ("/model", "/reset", "/parley")
 MODEL_SELECT = "parley_model_select"
+STOP_ACTION = "parley_stop"
+MARKDOWN_BLOCK_CHARS = 12000  # the cumulative limit of a payload's markdown blocks
 MAX_MENU_OPTIONS = 100  # static_select's limit
 SECTION_CHARS = 3000  # a section block's text limit
 COMMAND_ACK_SECONDS = 2.0  # answer in the ack if the core is this quick, else via response_url
@@ -78,6 +80,28 @@ def _streamed_text(shown: str) -> str:
     if fence is not None and last == fence_closer(fence):
         return head
     return body
+
+
+def _in_progress(text: str) -> bool:
+    """Whether the renderer shows `text` on a message still being written."""
+    return text in (PLACEHOLDER, THINKING) or text.endswith(CURSOR)
+
+
+def _with_blocks(safe: str, stop: str | None) -> dict[str, Any]:
+    """A message as a markdown block (`markdown_text` cannot go with blocks), plus a Stop
+    button when `stop` is the reply's stop token; `text` is the notification fallback."""
+    if len(safe) > MARKDOWN_BLOCK_CHARS:  # only if neutralising grew the text a lot
+        safe = safe[: MARKDOWN_BLOCK_CHARS - 1] + "…"
+    blocks: list[dict[str, Any]] = [{"type": "markdown", "text": safe}]
+    if stop:
+        button = {
+            "type": "button",
+            "action_id": STOP_ACTION,
+            "text": {"type": "plain_text", "text": "⏹ Stop", "emoji": True},
+            "value": stop,
+        }
+        blocks.append({"type": "actions", "elements": [button]})
+    return {"blocks": blocks, "text": safe}
 
 
 @dataclass
@@ -139,6 +163,7 @@ class SlackSink:
     channel: str
     thread_ts: str | None  # None: top level (a DM's main conversation)
     user_id: str  # who asked: ephemeral notices, stream recipient
+    stop_token: str = ""  # the value of the Stop button on the message being written
     native: bool = False  # try chat.startStream for the first message
     max_chars: int = MAX_CHARS
     min_edit_interval: float = 1.0
@@ -153,6 +178,17 @@ class SlackSink:
     async def _safe(self, text: str) -> str:
         return neutralise(text, names=await self.adapter.names.resolve(text))
 
+    async def _content(self, text: str, *, button: bool, final: bool) -> dict[str, Any]:
+        """The message's content arguments: blocks with a Stop button while it is written; on
+        its last edit blocks without it (chat.update keeps earlier blocks unless `blocks` is
+        given); else `markdown_text` alone."""
+        safe = await self._safe(text)
+        if self.stop_token and button:
+            return _with_blocks(safe, self.stop_token)
+        if self.stop_token and final:
+            return _with_blocks(safe, None)
+        return {"markdown_text": safe}
+
     async def post(self, text: str) -> MessageRef:
         if self.native and self.thread_ts and not self._streams:
             ref = await self._start_stream(text)
@@ -162,7 +198,7 @@ class SlackSink:
             response = await self._client.chat_postMessage(
                 channel=self.channel,
                 thread_ts=self.thread_ts,
-                markdown_text=await self._safe(text),
+                **await self._content(text, button=_in_progress(text), final=False),
                 unfurl_links=False,
                 unfurl_media=False,
             )
@@ -185,7 +221,9 @@ class SlackSink:
             raise PlatformRateLimited(wait)
         try:
             await self._client.chat_update(
-                channel=ref.channel or self.channel, ts=ref.id, markdown_text=await self._safe(text)
+                channel=ref.channel or self.channel,
+                ts=ref.id,
+                **await self._content(text, button=not final, final=final),
             )
         except SlackApiError as e:
             if (retry := _retry_after(e)) is not None:
@@ -332,6 +370,7 @@ class SlackAdapter:
         for command in SLASH_COMMANDS:
             self.app.command(command)(self._on_command)
         self.app.action(MODEL_SELECT)(self._on_model_selected)
+        self.app.action(STOP_ACTION)(self._on_stop)
         if not self.socket_mode:
             parley.http.router.add_post(EVENTS_PATH, self._on_http)
 
@@ -410,6 +449,7 @@ class SlackAdapter:
                 channel=channel,
                 thread_ts=thread or None,
                 user_id=user_id,
+                stop_token=stop_token(turn),
                 native=self.settings.slack_native_streaming,
                 min_edit_interval=self.settings.edit_interval,
             )
@@ -464,6 +504,40 @@ class SlackAdapter:
         turn = Turn(key=key, user_id=user_id, user_name="", text="", event_id="")
         reply = await self._command(turn, "model", choice)
         await respond(self._command_message(reply, "model") | {"replace_original": True})
+
+    async def _on_stop(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond
+    ) -> None:
+        """The Stop button: stop the reply (on whichever replica writes it), or tell the presser
+        why not, only to them."""
+        await ack()
+        user_id = str((body.get("user") or {}).get("id") or "")
+        _, is_admin = await self.names.lookup(user_id)  # cached; admins may stop any reply
+        try:
+            refusal = await self.conversation.stop(
+                str(action.get("value") or ""), user_id=user_id, is_admin=is_admin
+            )
+        except Exception as e:
+            log.exception("stopping a reply failed")
+            refusal = describe(e)
+        if refusal is None:
+            return
+        container: dict[str, Any] = body.get("container") or {}
+        message: dict[str, Any] = body.get("message") or {}
+        channel = str((body.get("channel") or {}).get("id") or container.get("channel_id") or "")
+        thread_ts = container.get("thread_ts") or message.get("thread_ts")
+        try:
+            await self.client.chat_postEphemeral(
+                channel=channel,
+                user=user_id,
+                thread_ts=thread_ts,
+                markdown_text=neutralise(refusal),
+            )
+        except SlackApiError as e:
+            log.info("ephemeral notice failed (%s): answering via response_url", e)
+            await respond(
+                text=neutralise(refusal), response_type="ephemeral", replace_original=False
+            )
 
     def _command_message(self, reply: CommandReply, name: str) -> dict[str, Any]:
         """An ephemeral answer: the text, plus the model menu when models were listed."""

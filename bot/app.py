@@ -23,7 +23,7 @@ from bot.state import State
 log = logging.getLogger(__name__)
 
 
-def connect_redis(url: str) -> aioredis.Redis:
+def connect_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
     """One pool per process, from a redis://, rediss://, unix:// or redis+sentinel:// URL.
 
     Sentinel: `redis+sentinel://[:password@]host:port[,host:port…]/service[/db]`; the client
@@ -52,7 +52,12 @@ def connect_redis(url: str) -> aioredis.Redis:
         sentinel = aioredis.Sentinel(nodes, sentinel_kwargs=dict(auth), **auth)  # type: ignore[no-untyped-call]
         master: aioredis.Redis = sentinel.master_for(path[0], db=db, **options)
         return master
-    return aioredis.Redis.from_url(url, **options)
+    # Blocking: a burst of turns past the pool's size waits for a connection instead of failing
+    # at once (redis-py's default pool raises "Too many connections").
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, **options
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -80,7 +85,7 @@ class Parley:
             )
         else:
             url = settings.redis_url.get_secret_value()
-        redis = connect_redis(url)
+        redis = connect_redis(url, max_connections=settings.redis_max_connections)
         state = State(
             redis,
             prefix=settings.redis_prefix,

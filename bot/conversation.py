@@ -171,8 +171,8 @@ class Conversation:
             expire_ms=int(self.settings.turn_timeout * 1000),
         )
         async with self.state.redis.pipeline(transaction=False) as pipe:
-            await self.state.queue_start(pipe, start)
-            slot = await self.limiter.queue_in_flight(
+            self.state.queue_start(pipe, start)
+            slot = self.limiter.queue_in_flight(
                 pipe, platform, user, only_if=(self.state.seen_key(start), start.lock_token)
             )
             answers = await pipe.execute()
@@ -206,7 +206,7 @@ class Conversation:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
         try:
             async with self.state.redis.pipeline(transaction=True) as pipe:
-                await self.state.queue_finish(pipe, start, entries)
+                self.state.queue_finish(pipe, start, entries)
                 self.limiter.queue_release(pipe, slot)
                 if len(pipe):
                     await pipe.execute()
@@ -223,11 +223,13 @@ class Conversation:
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         model = ""
         self.metrics.in_flight.inc()
+        # the placeholder goes out while the model request starts: neither waits for the other
+        posting = asyncio.create_task(renderer.begin())
         try:
-            await renderer.begin()  # the user sees we're on it within one round trip
             try:
                 model = start.prefs.model or await self._default_model()
             except ParleyError as e:
+                await posting
                 result = await self._failed(renderer, e)
             else:
                 messages = build_messages(
@@ -236,8 +238,9 @@ class Conversation:
                     turn=said,
                     budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
                 )
-                result = await self._generate(model, messages, renderer, stop, started)
+                result = await self._generate(model, messages, renderer, stop, started, posting)
         except asyncio.CancelledError:
+            await asyncio.gather(asyncio.shield(posting), return_exceptions=True)
             await asyncio.shield(renderer.finish(Status.STOPPED))
             raise
         finally:
@@ -255,6 +258,7 @@ class Conversation:
         renderer: Renderer,
         stop: asyncio.Event,
         started: float,
+        posting: asyncio.Task[None],
     ) -> RenderResult:
         """Stream into the renderer until done, failed, or stopped; always finalise."""
         footer: list[str] = []
@@ -269,6 +273,7 @@ class Conversation:
 
         work = asyncio.create_task(pump())
         try:
+            await posting
             await wait_first(asyncio.shield(work), stop.wait())
         except asyncio.CancelledError:
             work.cancel()

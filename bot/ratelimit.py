@@ -70,7 +70,6 @@ class Limiter:
             key_prefix=f"{prefix}rl",
         )
         self.window = MovingWindowRateLimiter(storage)
-        self._acquire = redis.register_script(ACQUIRE_IN_FLIGHT)
 
     async def check_rate(self, platform: str, user_id: str) -> None:
         """Count one request; raise UserRateLimited (with seconds to wait) past the rate."""
@@ -79,7 +78,7 @@ class Limiter:
         stats = await self.window.get_window_stats(self.rate, platform, user_id)
         raise UserRateLimited(max(1.0, stats.reset_time - time.time()))
 
-    async def queue_in_flight(
+    def queue_in_flight(
         self,
         pipe: Pipeline,
         platform: str,
@@ -99,7 +98,7 @@ class Limiter:
         if only_if is not None:
             keys.append(only_if[0])
             args.append(only_if[1])
-        await self._acquire(keys=keys, args=args, client=pipe)  # queued until execute()
+        pipe.execute_command("EVAL", ACQUIRE_IN_FLIGHT, len(keys), *keys, *args)
         return slot
 
     def admitted(self, slot: InFlightSlot, answer: Any) -> None:
@@ -118,7 +117,7 @@ class Limiter:
     async def in_flight(self, platform: str, user_id: str) -> AsyncIterator[None]:
         """Hold one of the user's K generation slots for the duration of the block."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            slot = await self.queue_in_flight(pipe, platform, user_id)
+            slot = self.queue_in_flight(pipe, platform, user_id)
             (answer,) = await pipe.execute()
         self.admitted(slot, answer)
         try:

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     # --- state ---
     redis_url: SecretStr | None = None  # may carry a password
     redis_prefix: str = "parley:"
+    redis_max_connections: int = Field(default=200, ge=4)
     data_dir: Path = Path("data")
     history_max_messages: int = Field(default=50, ge=2)
     history_ttl_days: float = Field(default=30.0, gt=0)

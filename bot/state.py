@@ -105,7 +105,6 @@ class State:
         self.dedup_ttl = dedup_ttl
         self.history_fetch = min(history_fetch, history_max)  # newest N read per turn
         self._release = redis.register_script(RELEASE_LOCK)
-        self._claim = redis.register_script(CLAIM_TURN)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -201,7 +200,7 @@ class State:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     # --- a turn's start and finish: one round trip each ---
-    async def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
+    def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
         """De-dup, thread lock, Stop-button owner, history and preferences, in one pipeline.
 
         Read the answers with `started()`; every step is undone by `queue_finish()`.
@@ -210,10 +209,17 @@ class State:
         seen = self.seen_key(start)
         pipe.set(seen, start.lock_token, nx=True, ex=self.dedup_ttl)
         pipe.set(self.lock_key(key), start.lock_token, nx=True, px=start.expire_ms)
-        await self._claim(
-            keys=[seen, self._turn_key(start.token)],
-            args=[start.lock_token, start.owner, start.expire_ms],
-            client=pipe,
+        # EVAL, not EVALSHA: redis-py precedes a pipeline holding a registered script with a
+        # SCRIPT EXISTS round trip, and a NOSCRIPT retry would re-run the de-dup SET NX
+        pipe.execute_command(
+            "EVAL",
+            CLAIM_TURN,
+            2,
+            seen,
+            self._turn_key(start.token),
+            start.lock_token,
+            start.owner,
+            start.expire_ms,
         )
         pipe.lrange(self.history_key(key), -self.history_fetch, -1)
         pipe.hgetall(self.pref_key(key))
@@ -244,15 +250,15 @@ class State:
             history, prefs = await pipe.execute()
         start.history, start.prefs = _entries(history), _preferences(prefs)
 
-    async def queue_finish(
+    def queue_finish(
         self, pipe: Pipeline, start: TurnStart, entries: Sequence[HistoryEntry] = ()
     ) -> None:
         """Save the exchange and let go of the thread and the Stop-button owner."""
         if entries:
             self._queue_append(pipe, start.key, entries)
         if start.locked:
-            await self._release(  # queued: a pipeline answers on execute()
-                keys=[self.lock_key(start.key)], args=[start.lock_token], client=pipe
+            pipe.execute_command(
+                "EVAL", RELEASE_LOCK, 1, self.lock_key(start.key), start.lock_token
             )
         if start.claimed:
             pipe.delete(self._turn_key(start.token))

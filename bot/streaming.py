@@ -327,6 +327,9 @@ class Renderer:
                     await self._post_fallback(page, text)
                 return
             self.edits += 1
+            # the interval counts from when the platform answered: under load, a call that was
+            # slow to leave must not land closer than the interval to the next one
+            self._next_at = self.clock() + self.sink.min_edit_interval
             page.shown = text
             self._visible(text)
             return
@@ -354,7 +357,8 @@ class Renderer:
                 log.exception("posting the reply failed")
                 return None
             self.posts += 1
-            self._next_at = self.clock() + self.sink.min_edit_interval
+            if text not in (PLACEHOLDER, THINKING):  # the first answer text may follow at once
+                self._next_at = self.clock() + self.sink.min_edit_interval
             self._visible(text)
             return ref
 

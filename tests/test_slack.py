@@ -3,9 +3,10 @@ against a fake Slack Web API and a fake Ollama on loopback, with a real Redis.""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from aiohttp import web
 from limits import RateLimitItemPerSecond
 
-from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, SlackAdapter
+from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, STOP_ACTION, SlackAdapter
 from adapters.slack_text import JOINER
 from bot.app import Parley
 from bot.settings import Settings
@@ -157,13 +158,32 @@ async def reply_in_thread(slack: FakeSlack, thread_ts: str, text: str) -> None:
         raise
 
 
-def sent_texts(slack: FakeSlack) -> list[str]:
-    """Every text the bot made Slack show: posts, edits, streams, notices."""
+def shown(call: ApiCall) -> str:
+    """The text a post or edit shows: `markdown_text`, else its markdown blocks."""
+    blocks = call.params.get("blocks") or []
+    markdown = [str(b["text"]) for b in blocks if b["type"] == "markdown"]
+    return str(call.params.get("markdown_text") or "\n".join(markdown))
+
+
+def stop_buttons(call: ApiCall) -> list[dict[str, Any]]:
+    """The Stop buttons a post or edit puts on its message."""
     return [
-        str(c.params.get("markdown_text") or c.params.get("text") or "")
-        for c in slack.calls
-        if c.method.startswith("chat.")
+        e
+        for b in call.params.get("blocks") or []
+        if b["type"] == "actions"
+        for e in b["elements"]
+        if e.get("action_id") == STOP_ACTION
     ]
+
+
+def sent_texts(slack: FakeSlack) -> list[str]:
+    """Every text the bot made Slack show: posts, edits, streams, notices, fallbacks."""
+    texts: list[str] = []
+    for c in slack.calls:
+        if c.method.startswith("chat."):
+            texts += [str(c.params.get("markdown_text") or ""), str(c.params.get("text") or "")]
+            texts += [str(b["text"]) for b in c.params.get("blocks") or [] if "text" in b]
+    return texts
 
 
 def updates_of(slack: FakeSlack, ts: str) -> list[ApiCall]:
@@ -199,12 +219,12 @@ async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
     placeholder, _ = slack.calls_to("chat.postMessage")
     assert placeholder.params["channel"] == CHANNEL
     assert placeholder.params["thread_ts"] == mention["ts"]
-    assert placeholder.params["markdown_text"] == PLACEHOLDER
+    assert shown(placeholder) == PLACEHOLDER
     assert placeholder.authorization == f"Bearer {BOT_TOKEN}"
 
     edits = updates_of(slack, slack.thread(CHANNEL, mention["ts"])[0].ts)
-    assert edits[-1].params["markdown_text"] == REPLY
-    assert all(e.params["markdown_text"].endswith(CURSOR) for e in edits[:-1])
+    assert shown(edits[-1]) == REPLY
+    assert all(shown(e).endswith(CURSOR) for e in edits[:-1])
     assert 2 <= len(edits) <= len(tokens) // 4
     gaps = [b.at - a.at for a, b in itertools.pairwise(edits[:-1])]  # the last is not held
     assert all(gap >= INTERVAL * 0.8 for gap in gaps), gaps
@@ -298,6 +318,105 @@ async def test_stopping_the_adapter_mid_reply_leaves_it_marked_stopped(
         await bot.adapter.stop()
         shown = thread_text(slack, mention["ts"])
     assert shown.endswith(STOPPED) and REPLY.startswith(shown.removesuffix(STOPPED).strip())
+
+
+# --- the Stop button ------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for what no Slack call shows (the model server's counters)."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def streaming(slack: FakeSlack, bot: Bot, text: str) -> tuple[dict[str, Any], str]:
+    """Ask `text` by mention; return the mention and the reply's ts once some answer shows."""
+    mention = slack.user_message(f"<@{BOT_USER_ID}> {text}", event_type="app_mention")
+    await send_event(slack, bot, mention)
+    await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
+    (reply,) = slack.thread(CHANNEL, mention["ts"])
+    return mention, reply.ts
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_a_streaming_reply_carries_a_stop_button_until_its_last_edit(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], REPLY)
+
+    token = f"slack:{CHANNEL}:{mention['ts']}"  # the core's stop_token for this message
+    (placeholder,) = slack.calls_to("chat.postMessage")
+    edits = updates_of(slack, placeholder_ts := slack.thread(CHANNEL, mention["ts"])[0].ts)
+    assert len(edits) >= 2
+    for call in [placeholder, *edits[:-1]]:
+        (button,) = stop_buttons(call)
+        assert button["type"] == "button" and button["value"] == token
+        assert call.params["text"] == shown(call)  # the notification fallback
+        assert "markdown_text" not in call.params  # it cannot go with blocks
+    final = edits[-1]
+    assert [b["type"] for b in final.params["blocks"]] == ["markdown"]  # no actions block
+    assert shown(final) == REPLY and final.params["text"] == REPLY
+    assert slack.messages[(CHANNEL, placeholder_ts)].buttons() == []
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_stop_pressed_by_the_asker_ends_the_reply_and_generation(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
+    async with slack_bot(slack, model, redis_url, mode) as bot:
+        mention, ts = await streaming(slack, bot, "go on")
+        await send_action(slack, bot, slack.button_payload(CHANNEL, ts, STOP_ACTION))
+        await slack.wait_for(lambda: thread_text(slack, mention["ts"]).endswith(STOPPED))
+        await until(lambda: model.disconnects == 1)  # generation stopped upstream
+        text = thread_text(slack, mention["ts"])
+        assert REPLY.startswith(text.removesuffix(STOPPED).strip()[:100])
+        assert len(text) < len(REPLY * 3)
+        assert slack.messages[(CHANNEL, ts)].buttons() == []
+        # the thread is free again: the next question is answered
+        follow_up = slack.user_message("thanks", thread_ts=mention["ts"])
+        await send_event(slack, bot, follow_up)
+        await slack.wait_for(lambda: "You said: thanks" in thread_text(slack, mention["ts"]))
+    assert slack.calls_to("chat.postEphemeral") == []
+    assert model.completed == 1  # only the follow-up ran to its end
+
+
+async def test_stop_pressed_by_someone_else_is_refused_only_to_them(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY), delay=0.03))
+    async with slack_bot(slack, model, redis_url, "http") as bot:
+        mention, ts = await streaming(slack, bot, "explain Redis")
+        await send_action(slack, bot, slack.button_payload(CHANNEL, ts, STOP_ACTION, user="U0BOB"))
+        await slack.wait_for(lambda: bool(slack.calls_to("chat.postEphemeral")))
+        await reply_in_thread(slack, mention["ts"], REPLY)  # the reply went on to its end
+
+    (notice,) = slack.calls_to("chat.postEphemeral")
+    assert notice.params["user"] == "U0BOB"
+    assert notice.params["channel"] == CHANNEL
+    assert notice.params["thread_ts"] == mention["ts"]
+    assert "Only the person who asked" in notice.params["markdown_text"]
+    assert model.disconnects == 0 and model.completed == 1
+
+
+async def test_stop_on_a_reply_another_replica_writes_reaches_it(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    model.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
+    async with AsyncExitStack() as stack:
+        writer = await stack.enter_async_context(slack_bot(slack, model, redis_url, "socket"))
+        other = await stack.enter_async_context(slack_bot(slack, model, redis_url, "socket"))
+        mention, ts = await streaming(slack, writer, "go on")
+        payload = slack.button_payload(CHANNEL, ts, STOP_ACTION)
+        envelope = await slack.send_envelope("interactive", payload, connection=other.connection)
+        await slack.acked(envelope)
+        await slack.wait_for(lambda: thread_text(slack, mention["ts"]).endswith(STOPPED))
+        await until(lambda: model.disconnects == 1)
 
 
 # --- exactly once ---------------------------------------------------------------------------
@@ -457,7 +576,7 @@ async def test_429s_on_chat_update_slow_the_edits_and_the_whole_text_still_lands
     assert len(refused) == 2
     for i in refused:
         assert updates[i + 1].at - updates[i].at >= 0.3 * 0.9
-    assert updates[-1].status == 200 and updates[-1].params["markdown_text"] == REPLY
+    assert updates[-1].status == 200 and shown(updates[-1]) == REPLY
 
 
 async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
@@ -480,7 +599,18 @@ async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
     assert all(len(p) <= MAX_CHARS for p in pages)
     assert all(p.endswith("That is all for this part.") for p in pages)
     for call in slack.calls:
-        assert len(str(call.params.get("markdown_text", ""))) <= MAX_CHARS
+        assert len(shown(call)) <= MAX_CHARS
+    # only the page being written carries the Stop button; every page ends without one
+    posts = slack.calls_to("chat.postMessage")
+    assert all(len(stop_buttons(p)) == 1 for p in posts)
+    assert all(m.buttons() == [] for m in slack.thread(CHANNEL, mention["ts"]))
+    page_ts = iter(m.ts for m in slack.thread(CHANNEL, mention["ts"]))
+    newest = ""
+    for call in slack.calls:
+        if call.method == "chat.postMessage" and call.status == 200:
+            newest = next(page_ts)
+        elif call.method == "chat.update" and stop_buttons(call):
+            assert call.params["ts"] == newest  # a button only on the newest page
 
 
 # --- native streaming -----------------------------------------------------------------------

@@ -218,3 +218,19 @@ async def test_stopped_reply_is_finalised_as_stopped() -> None:
     await renderer.finish(Status.STOPPED)
     assert sink.messages == ["partial\n\n_⏹ Stopped._"]
     assert sink.calls[-1].final
+
+
+async def test_first_answer_text_is_shown_at_once_not_after_the_interval() -> None:
+    sink = RecordingSink(min_edit_interval=5.0)
+    renderer = Renderer(sink)
+    await renderer.begin()
+    posted = time.monotonic()
+    renderer.feed(Content("Hello"))
+    for _ in range(100):
+        if sink.edits:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.edits, "the first text waited for the edit interval"
+    assert sink.edits[0].started - posted < 0.5
+    assert sink.edits[0].text.startswith("Hello")
+    await renderer.finish(Status.COMPLETE)

@@ -83,7 +83,8 @@ def make_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
         ),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        # the router's per-backend cap limits generations; the pool must not refuse them first
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
     )
 
 

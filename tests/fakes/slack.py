@@ -53,9 +53,20 @@ class PostedMessage:
     channel: str
     ts: str
     thread_ts: str | None
-    text: str  # markdown_text when given, else text
+    text: str  # markdown_text when given, else its markdown blocks' text, else text
     edits: int = 0
     streaming: bool = False
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def buttons(self) -> list[tuple[str, dict[str, Any]]]:
+        """The buttons the message shows now, as (block_id, button)."""
+        return [
+            (str(block.get("block_id") or ""), element)
+            for block in self.blocks
+            if block.get("type") == "actions"
+            for element in block.get("elements") or []
+            if element.get("type") == "button"
+        ]
 
 
 @dataclass
@@ -259,7 +270,9 @@ class FakeSlack:
             return {"ok": False, "error": error}
         ts = self._next_ts()
         thread_ts = str(params["thread_ts"]) if params.get("thread_ts") else None
-        self.messages[(channel, ts)] = PostedMessage(channel, ts, thread_ts, text)
+        self.messages[(channel, ts)] = PostedMessage(
+            channel, ts, thread_ts, text, blocks=_blocks(params)
+        )
         message = {"type": "message", "user": BOT_USER_ID, "bot_id": BOT_ID, "app_id": APP_ID}
         message |= {"text": text, "ts": ts} | ({"thread_ts": thread_ts} if thread_ts else {})
         return {"ok": True, "channel": channel, "ts": ts, "message": message}
@@ -275,6 +288,8 @@ class FakeSlack:
         found.text = text
         found.edits += 1
         found.streaming = False
+        if "blocks" in params:  # without `blocks`, chat.update keeps the message's blocks
+            found.blocks = _blocks(params)
         return {"ok": True, "channel": channel, "ts": ts, "text": found.text}
 
     async def _echo(self, method: str, params: Mapping[str, Any], body: Mapping[str, Any]) -> None:
@@ -442,6 +457,55 @@ class FakeSlack:
             ],
         }
 
+    def button_payload(
+        self, channel: str, ts: str, action_id: str, *, user: str = "U0ALICE"
+    ) -> dict[str, Any]:
+        """A `block_actions` payload: someone pressed a button the message shows now."""
+        message = self.messages[(channel, ts)]
+        pressed = [(b, e) for b, e in message.buttons() if e.get("action_id") == action_id]
+        assert pressed, f"message {ts} shows no {action_id} button"
+        block_id, button = pressed[0]
+        shown: dict[str, Any] = {"type": "message", "user": BOT_USER_ID, "bot_id": BOT_ID}
+        shown |= {"text": message.text, "ts": ts, "blocks": message.blocks}
+        container: dict[str, Any] = {
+            "type": "message",
+            "message_ts": ts,
+            "channel_id": channel,
+            "is_ephemeral": False,
+        }
+        if message.thread_ts:
+            shown["thread_ts"] = container["thread_ts"] = message.thread_ts
+        return {
+            "type": "block_actions",
+            "user": {
+                "id": user,
+                "username": user.lower(),
+                "name": user.lower(),
+                "team_id": TEAM_ID,
+            },
+            "api_app_id": APP_ID,
+            "token": "legacy-verification-token",
+            "container": container,
+            "trigger_id": f"{uuid.uuid4().int % 10**10}.{uuid.uuid4().hex[:8]}",
+            "team": {"id": TEAM_ID, "domain": "parley-test"},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": channel, "name": "general"},
+            "message": shown,
+            "state": {"values": {}},
+            "response_url": self.response_url(),
+            "actions": [
+                {
+                    "type": "button",
+                    "action_id": action_id,
+                    "block_id": block_id or uuid.uuid4().hex[:5],
+                    "text": button.get("text"),
+                    "value": button.get("value", ""),
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+        }
+
     # --- delivery: Socket Mode -----------------------------------------------------------
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
@@ -558,6 +622,34 @@ class FakeSlack:
         return None
 
 
+def _blocks(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    blocks = params.get("blocks") or []
+    return list(json.loads(blocks) if isinstance(blocks, str) else blocks)
+
+
+def _blocks_error(blocks: list[dict[str, Any]]) -> str:
+    """The error Slack answers for blocks it refuses (the limits Parley's blocks could meet)."""
+    markdown = [b for b in blocks if b.get("type") == "markdown"]
+    if any(not isinstance(b.get("text"), str) or not b["text"] for b in markdown):
+        return "invalid_blocks"
+    if sum(len(b["text"]) for b in markdown) > 12000:  # cumulative, over the whole payload
+        return "invalid_blocks"
+    for block in blocks:
+        if block.get("type") == "actions":
+            elements = block.get("elements") or []
+            if not 1 <= len(elements) <= 25:
+                return "invalid_blocks"
+            for e in elements:
+                if e.get("type") != "button":
+                    continue
+                label = e.get("text") or {}
+                if label.get("type") != "plain_text" or not 1 <= len(label.get("text", "")) <= 75:
+                    return "invalid_blocks"
+                if len(str(e.get("value", ""))) > 2000 or len(str(e.get("action_id"))) > 255:
+                    return "invalid_blocks"
+    return ""
+
+
 def _message_text(params: Mapping[str, Any]) -> tuple[str, str]:
     """(what the message shows, the error Slack answers instead, if any)."""
     markdown = str(params.get("markdown_text") or "")
@@ -565,8 +657,12 @@ def _message_text(params: Mapping[str, Any]) -> tuple[str, str]:
         return "", "markdown_text_conflict"  # markdown_text goes alone
     if len(markdown) > 12000:
         return "", "markdown_text_too_long"
-    text = markdown or str(params.get("text") or "")
-    if not text and not params.get("blocks"):
+    blocks = _blocks(params)
+    if error := _blocks_error(blocks):
+        return "", error
+    shown = "\n".join(b["text"] for b in blocks if b.get("type") == "markdown")
+    text = markdown or shown or str(params.get("text") or "")
+    if not text and not blocks:
         return "", "no_text"
     return text, ""
 

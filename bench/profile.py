@@ -1,0 +1,161 @@
+"""Profile: where Parley's CPU goes under many concurrent streams, and what a fix would gain.
+
+    python -m bench.profile [--quick] [--streams 300] [--repeat 2]
+
+1. Where the CPU goes: the concurrency benchmark at --streams in a child process, sampled by
+   bench/sampler.py (SIGPROF every 1 ms of CPU): shares by package and the hottest functions.
+2. The hot path alone: --streams concurrent backend streams read by the core's
+   `OllamaBackend.chat` and by the candidates in bench/variants.py, nothing else running; CPU
+   per 1,000 tokens and loop lag, repeated --repeat times in alternation, as ratios to the core.
+3. End to end: the concurrency benchmark at --streams once per reader (the candidate is handed to
+   Parley's Router in place of the core's backend object), same table as bench.concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from typing import Any
+
+from bench import concurrency
+from bench.common import (
+    MODEL,
+    BackendOptions,
+    Monitor,
+    backends,
+    cpu_seconds,
+    ms,
+    percentile,
+    print_machine,
+    print_table,
+    redis_server,
+)
+from bench.variants import VARIANTS
+from bot.backends.base import Content, Message, Timeouts
+from bot.backends.ollama import OllamaBackend
+from bot.settings import BackendConfig
+
+READERS: dict[str, Any] = {"core": OllamaBackend, **VARIANTS}
+
+
+async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> dict[str, Any]:
+    """n concurrent /api/chat streams through `reader`, ⌈n/100⌉ clients (the core's pool cap)."""
+    cls = READERS[reader]
+    clients = [
+        cls(BackendConfig(name=f"b{i}", kind="ollama", url=url), Timeouts())
+        for i in range(max(1, math.ceil(n / per_client)))
+    ]
+    messages = [Message("user", "Hello! Tell me something.")]
+
+    async def consume(i: int) -> int:
+        count = 0
+        async for chunk in clients[i % len(clients)].chat(MODEL, messages):
+            if isinstance(chunk, Content):
+                count += 1
+        return count
+
+    monitor = Monitor()
+    monitor.start()
+    cpu0, wall0 = cpu_seconds(), time.monotonic()
+    counts = await asyncio.gather(*(consume(i) for i in range(n)), return_exceptions=True)
+    cpu, wall = cpu_seconds() - cpu0, time.monotonic() - wall0
+    await monitor.stop()
+    for client in clients:
+        await client.aclose()
+    tokens = sum(c for c in counts if isinstance(c, int))
+    failed = sum(1 for c in counts if not isinstance(c, int))
+    return {
+        "reader": reader,
+        "tokens": tokens,
+        "failed": failed,
+        "cpu_per_1k": cpu / tokens * 1000 if tokens else float("nan"),
+        "lag_p99": percentile(monitor.lags, 0.99),
+        "wall": wall,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    print_machine()
+    n = args.streams
+    options = BackendOptions(tokens=args.tokens, tps="30,80", ttft=0.5)
+
+    # 1. where the CPU goes
+    base = concurrency.build_parser().parse_args([])
+    base.tokens, base.profile = args.tokens, "sample"
+    async with redis_server() as redis_url, backends(options, 1) as fakes:
+        print(f"1. Where the CPU goes: {n} streams, core reader, sampled\n", flush=True)
+        base.variant = "core"
+        sampled = await concurrency.run_level(base, redis_url, fakes, n, 100)
+        print(sampled["profile"], "\n", flush=True)
+
+        # 2. the hot path alone
+        print(f"2. The hot path alone: {n} streams read by each reader\n", flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {r: [] for r in READERS}
+        for _ in range(args.repeat):
+            for reader in READERS:
+                rounds[reader].append(await read_streams(fakes[0].url, reader, n))
+        core_cpu = sum(r["cpu_per_1k"] for r in rounds["core"]) / args.repeat
+        rows = []
+        for reader, results in rounds.items():
+            cpu = sum(r["cpu_per_1k"] for r in results) / len(results)
+            rows.append(
+                [
+                    reader,
+                    n,
+                    sum(r["tokens"] for r in results),
+                    sum(r["failed"] for r in results),
+                    cpu * 1000,
+                    f"{cpu / core_cpu:.2f}x",
+                    " ".join(f"{ms(r['lag_p99']):.0f}" for r in results),
+                    " ".join(f"{r['wall']:.1f}" for r in results),
+                ]
+            )
+        print_table(
+            f"Reading {n} concurrent backend streams ({args.repeat} rounds, alternating)",
+            [
+                "reader",
+                "streams",
+                "tokens",
+                "failed",
+                "CPU ms/1k tok",
+                "vs core",
+                "lag p99 ms",
+                "wall s",
+            ],
+            rows,
+        )
+
+        # 3. end to end
+        print(f"3. End to end: {n} streams through Parley, per reader\n", flush=True)
+        results = []
+        base.profile = "none"
+        for run, reader in enumerate(READERS):
+            base.variant = reader
+            results.append(await concurrency.run_level(base, redis_url, fakes, n, 200 + run))
+    table = [[reader, *concurrency.row(r)] for reader, r in zip(READERS, results, strict=True)]
+    print_table(
+        f"Parley end to end, {n} streams, by backend reader",
+        ["reader", *concurrency.HEADERS],
+        table,
+    )
+    core = results[0]["cpu_per_1k"]
+    ratios = [f"{r}: {x['cpu_per_1k'] / core:.2f}x" for r, x in zip(READERS, results, strict=True)]
+    print("CPU per 1k tokens vs core: " + ", ".join(ratios))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Profile the hot path (see module doc).")
+    parser.add_argument("--quick", action="store_true", help="100 streams of 60 tokens, 1 round")
+    parser.add_argument("--streams", type=int, default=300)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.tokens, args.repeat = 100, 60, 1
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
