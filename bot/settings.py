@@ -211,6 +211,20 @@ class Settings(BaseSettings):
     def _ollama_host(cls, value: str | None) -> str | None:
         return None if value is None else parse_ollama_host(value)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            raise ValueError("Redis Cluster is not supported yet; use one primary (with Sentinel)")
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+            raise ValueError(  # the URL itself may carry a password: name only its scheme
+                f"scheme {scheme!r} is not redis://, rediss://, unix:// or redis+sentinel://"
+            )
+        return value
+
     @field_validator("redis_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:

@@ -129,3 +129,22 @@ async def test_metrics_count_a_scripted_conversation(
     assert "parley_time_to_first_visible_seconds_count 1.0" in text
     assert "parley_edits_per_reply_count 2.0" in text
     assert "parley_generations_in_flight 0.0" in text
+
+
+def test_log_lines_are_json_with_the_turn_id_when_not_on_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    import logging
+
+    from bot.logs import setup_logging, turn_id
+
+    setup_logging("INFO", json_lines=True)
+    token = turn_id.set("abc123")
+    try:
+        logging.getLogger("parley.test").info("replied")
+    finally:
+        turn_id.reset(token)
+        logging.getLogger().handlers.clear()
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["msg"] == "replied" and line["turn"] == "abc123" and line["level"] == "info"

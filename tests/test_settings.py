@@ -237,3 +237,18 @@ def test_load_settings_with_a_bad_setting_exits_2_with_one_line_naming_it(
     assert len(lines) == 1
     assert lines[0].startswith("parley: invalid setting ")
     assert setting in lines[0]
+
+
+def test_a_redis_cluster_url_is_refused_clearly_without_echoing_the_password() -> None:
+    from pydantic import ValidationError
+
+    from bot.settings import Settings, describe_validation_error
+
+    try:
+        Settings(_env_file=None, redis_url="redis+cluster://:hunter2@h:7000")  # type: ignore[call-arg]
+    except ValidationError as e:
+        line = describe_validation_error(e)
+    else:
+        raise AssertionError("a cluster URL was accepted")
+    assert line.startswith("invalid setting PARLEY_REDIS_URL: Redis Cluster is not supported")
+    assert "hunter2" not in line
