@@ -33,7 +33,7 @@ class ConsoleSink:
     messages: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
-    async def post(self, text: str) -> MessageRef:
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
         self.messages.append(text)
         self._refresh()
         return MessageRef(str(len(self.messages) - 1))

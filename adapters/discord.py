@@ -29,7 +29,6 @@ from adapters.discord_logic import (
     STOP_LABEL,
     Access,
     Place,
-    being_written,
     content_withheld,
     conversation_key,
     may_switch_model,
@@ -191,11 +190,10 @@ class DiscordSink:
     _last: discord.Message | None = None
     _typing: bool = True
 
-    async def post(self, text: str, *, final: bool | None = None) -> MessageRef:
-        """Post a page; while it is being written (judged from `text` unless `final` says) it
-        carries the Stop button, which its final edit takes off."""
-        writing = being_written(text) if final is None else not final
-        view = StopButton(self.stop_token) if writing and self.stop_token else None
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
+        """Post a page; while it is being written (`final=False`) it carries the Stop button,
+        which its final edit takes off."""
+        view = StopButton(self.stop_token) if not final and self.stop_token else None
         # later pages reply to the page before, so the reply reads as one chain
         try:
             sent = await _send(self.channel, text, reply_to=self._last or self.reply_to, view=view)

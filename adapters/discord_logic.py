@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bot.settings import Settings
-from bot.streaming import CURSOR, PLACEHOLDER, THINKING
 from bot.turn import ConversationKey
 
 PLATFORM = "discord"
@@ -221,16 +220,6 @@ def stop_token_of(custom_id: str) -> str | None:
     platform, _, event_id = token.partition(":")
     snowflake = event_id.isascii() and event_id.isdigit()
     return token if platform == PLATFORM and snowflake else None
-
-
-def being_written(text: str) -> bool:
-    """Whether a message posted with `text` is a reply still being written.
-
-    The renderer posts its placeholder, the thinking notice, or a page with the streaming
-    cursor while a reply is on its way; anything else (a finished page, a command's answer, a
-    notice) is final as posted, and must not carry a Stop button nobody will take off.
-    """
-    return text in (PLACEHOLDER, THINKING) or text.endswith(CURSOR)
 
 
 # --- slash command helpers ------------------------------------------------------------------

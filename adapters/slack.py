@@ -82,11 +82,6 @@ def _streamed_text(shown: str) -> str:
     return body
 
 
-def _in_progress(text: str) -> bool:
-    """Whether the renderer shows `text` on a message still being written."""
-    return text in (PLACEHOLDER, THINKING) or text.endswith(CURSOR)
-
-
 def _with_blocks(safe: str, stop: str | None) -> dict[str, Any]:
     """A message as a markdown block (`markdown_text` cannot go with blocks), plus a Stop
     button when `stop` is the reply's stop token; `text` is the notification fallback."""
@@ -189,7 +184,7 @@ class SlackSink:
             return _with_blocks(safe, None)
         return {"markdown_text": safe}
 
-    async def post(self, text: str) -> MessageRef:
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
         if self.native and self.thread_ts and not self._streams:
             ref = await self._start_stream(text)
             if ref is not None:
@@ -198,7 +193,7 @@ class SlackSink:
             response = await self._client.chat_postMessage(
                 channel=self.channel,
                 thread_ts=self.thread_ts,
-                **await self._content(text, button=_in_progress(text), final=False),
+                **await self._content(text, button=not final, final=False),
                 unfurl_links=False,
                 unfurl_media=False,
             )

@@ -193,7 +193,7 @@ class Renderer:
 
     async def begin(self) -> None:
         """Post the placeholder and start the writer."""
-        ref = await self._call_post(PLACEHOLDER)
+        ref = await self._call_post(PLACEHOLDER, final=False)
         self._pages.append(_Page(ref, PLACEHOLDER))
         self._writer = asyncio.create_task(self._write_loop())
         self._waiting = asyncio.create_task(self._waiting_loop())
@@ -290,7 +290,7 @@ class Renderer:
             page, rest = split_first(body, self.limit)
             await self._show(self._pages[-1], page, final=True)
             opening = PLACEHOLDER if final else in_progress(rest[: self.limit])
-            ref = await self._call_post(opening)
+            ref = await self._call_post(opening, final=False)
             self._pages.append(_Page(ref, opening))
             if final:
                 body = rest
@@ -303,7 +303,7 @@ class Renderer:
         if page.shown == text and not final:
             return
         if page.ref is None:  # the placeholder never got posted: post instead
-            page.ref = await self._call_post(text)
+            page.ref = await self._call_post(text, final=final)
             page.shown = text
             return
         started = time.monotonic()
@@ -341,12 +341,12 @@ class Renderer:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _call_post(self, text: str) -> MessageRef | None:
+    async def _call_post(self, text: str, *, final: bool) -> MessageRef | None:
         started = time.monotonic()
         while True:
             await self._respect_limits(final=True)
             try:
-                ref = await self.sink.post(text)
+                ref = await self.sink.post(text, final=final)
             except PlatformRateLimited as e:
                 self.rate_limited += 1
                 self._hard_until = self.clock() + e.retry_after
@@ -364,7 +364,7 @@ class Renderer:
 
     async def _post_fallback(self, page: _Page, text: str) -> None:
         """The final edit failed for good (message deleted?): post the final text anew."""
-        ref = await self._call_post(text)
+        ref = await self._call_post(text, final=True)
         if ref is not None:
             page.ref, page.shown = ref, text
 

@@ -58,8 +58,12 @@ class ReplySink(Protocol):
     max_chars: int  # Discord 2000; Slack markdown_text 12000 (kept lower for readability)
     min_edit_interval: float  # seconds between edits of one message
 
-    async def post(self, text: str) -> MessageRef:
-        """Post a new message in the reply's place (the thread, the reply chain)."""
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
+        """Post a new message in the reply's place (the thread, the reply chain).
+
+        `final=False`: the message will be edited as the reply streams (adapters add a Stop
+        button to such a message; its last edit comes with `final=True`).
+        """
         ...
 
     async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:

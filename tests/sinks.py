@@ -47,7 +47,7 @@ class RecordingSink:
         call.ended = time.monotonic()
         self.calls.append(call)
 
-    async def post(self, text: str) -> MessageRef:
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
         self.messages.append(text)
         await self._call("post", len(self.messages) - 1, text)
         return MessageRef(str(len(self.messages) - 1))

@@ -162,7 +162,10 @@ def message_writes(fake: FakeDiscord) -> list[Recorded]:
 async def test_mention_is_answered_by_a_reply_streamed_through_edits(
     bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
 ) -> None:
-    models.script(Script(tokens=["Hello", " there", ",", " Alice", "!"], delay=0.06))
+    # the model takes a moment to load: the typing indicator shows meanwhile
+    models.script(
+        Script(tokens=["Hello", " there", ",", " Alice", "!"], delay=0.06, first_delay=0.3)
+    )
     asked = await fake.say(alice, f"{mention(fake)} hi there")
 
     reply = await fake.wait_for(final("Hello there, Alice!"))

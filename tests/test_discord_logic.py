@@ -10,7 +10,6 @@ from adapters.discord_logic import (
     MODEL_SWITCH_ADMINS,
     Access,
     Place,
-    being_written,
     content_withheld,
     conversation_key,
     may_switch_model,
@@ -23,7 +22,6 @@ from adapters.discord_logic import (
     to_model_text,
 )
 from bot.conversation import stop_token
-from bot.streaming import CURSOR, PLACEHOLDER, THINKING, in_progress
 from bot.turn import ConversationKey, Turn
 
 BOT = 900
@@ -191,20 +189,6 @@ def test_other_components_and_other_platforms_tokens_are_not_stop_buttons() -> N
 def test_a_token_too_long_for_a_custom_id_is_refused() -> None:
     with pytest.raises(ValueError):
         stop_custom_id("discord:" + "9" * 100)
-
-
-def test_what_the_renderer_posts_while_writing_is_being_written_and_nothing_else() -> None:
-    assert being_written(PLACEHOLDER)
-    assert being_written(THINKING)
-    assert being_written(in_progress("Half an answer"))
-    assert being_written(in_progress("```python\nprint(1)"))  # a fence closed for display
-    assert not being_written("A whole answer.")
-    assert not being_written("Switched this channel to `qwen3:8b`.")
-    assert not being_written("")
-    assert in_progress("x").endswith(CURSOR)
-
-
-# --- autocomplete ---------------------------------------------------------------------------
 
 
 def test_rank_puts_exact_then_prefix_then_substring_then_close_spellings() -> None:
