@@ -153,7 +153,7 @@ class BenchSink:
             record.first_visible_at = record.last_call_at
         record.stamps(text)
 
-    async def post(self, text: str) -> MessageRef:
+    async def post(self, text: str, *, final: bool = True) -> MessageRef:
         await self._call("post", text)
         self.platform.ids += 1
         ref = MessageRef(str(self.platform.ids), self.channel)
