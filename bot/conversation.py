@@ -321,6 +321,8 @@ class Conversation:
             return self.settings.default_model
         names = await self.router.model_names()
         if not names:
+            if self.router.errors:  # say why: an unreachable server reads better than "none"
+                raise next(iter(self.router.errors.values()))
             raise NoModelAvailable()
         return names[0]
 
