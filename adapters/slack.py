@@ -209,11 +209,7 @@ class SlackSink:
         stream = self._streams.get(ref.id)
         if stream is not None and stream.open and await self._append(ref, stream, text, final):
             return
-        wait = await self.adapter.limiter.budget_wait(
-            f"slack:update:{self.team_id}", self.adapter.settings.slack_update_budget, 60
-        )
-        if wait > 0:
-            raise PlatformRateLimited(wait)
+        await self._take_update(final=final)
         try:
             await self._client.chat_update(
                 channel=ref.channel or self.channel,
@@ -224,6 +220,25 @@ class SlackSink:
             if (retry := _retry_after(e)) is not None:
                 raise PlatformRateLimited(retry) from e
             raise
+
+    async def _take_update(self, *, final: bool) -> None:
+        """Take a chat.update from the workspace's budget (Tier 3, shared by every stream and
+        replica, kept in Redis), or raise PlatformRateLimited.
+
+        Streaming edits may use four fifths of it, so that final edits (a finished or stopped
+        reply) are not queued behind other streams for up to a minute; and a streaming edit the
+        budget refuses is retried after one edit interval, because the renderer holds every
+        later edit of the reply, the final one too, for as long as the refusal says.
+        """
+        limiter, budget = self.adapter.limiter, self.adapter.settings.slack_update_budget
+        if not final and budget > 1:
+            share = max(1, budget * 4 // 5)
+            wait = await limiter.budget_wait(f"slack:stream:{self.team_id}", share, 60)
+            if wait > 0:
+                raise PlatformRateLimited(min(wait, self.min_edit_interval))
+        wait = await limiter.budget_wait(f"slack:update:{self.team_id}", budget, 60)
+        if wait > 0:
+            raise PlatformRateLimited(wait if final else min(wait, self.min_edit_interval))
 
     async def notify(self, text: str) -> None:
         try:

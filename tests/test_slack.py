@@ -747,3 +747,28 @@ def test_the_manifest_declares_what_the_adapter_handles() -> None:
     assert {"app_mentions:read", "chat:write", "commands", "users:read", "im:history"} <= scopes
     assert {"channels:history", "groups:history", "mpim:history"} <= scopes
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
+
+
+async def test_streaming_edits_leave_part_of_the_workspace_budget_to_final_edits(
+    slack: FakeSlack, model: FakeModelServer, redis_url: str
+) -> None:
+    from adapters.slack import SlackSink
+    from bot.turn import PlatformRateLimited
+
+    async with slack_bot(slack, model, redis_url, "http", slack_update_budget=5) as bot:
+        sink = SlackSink(
+            adapter=bot.adapter,
+            team_id=TEAM_ID,
+            channel=CHANNEL,
+            thread_ts=None,
+            user_id="U1",
+            min_edit_interval=INTERVAL,
+        )
+        ref = await sink.post(PLACEHOLDER, final=False)
+        for i in range(4):  # four fifths of 5 for streaming edits
+            await sink.edit(ref, f"part {i}{CURSOR}")
+        with pytest.raises(PlatformRateLimited) as refused:
+            await sink.edit(ref, f"part 4{CURSOR}")
+        assert refused.value.retry_after <= INTERVAL  # retried soon, not after the window
+        await sink.edit(ref, "the whole answer", final=True)  # the final edit still goes out
+    assert shown(slack.calls_to("chat.update")[-1]) == "the whole answer"
