@@ -185,7 +185,7 @@ class Conversation:
                 log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
             await self.limiter.check_rate(platform, user)
-            self.limiter.admitted(slot, answers[-1])
+            self.limiter.admitted(answers[-1])
             if not start.locked:  # another message of this thread is being answered
                 await self.state.wait_for_thread(start)
             result, model = await self._answer(turn, renderer, start)

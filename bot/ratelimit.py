@@ -45,7 +45,6 @@ return math.max(1, math.ceil((tonumber(oldest[2]) - tonumber(ARGV[1])) * 1000))
 class InFlightSlot:
     name: str
     member: str
-    held: bool = False
 
 
 class Limiter:
@@ -101,16 +100,14 @@ class Limiter:
         pipe.execute_command("EVAL", ACQUIRE_IN_FLIGHT, len(keys), *keys, *args)
         return slot
 
-    def admitted(self, slot: InFlightSlot, answer: Any) -> None:
+    def admitted(self, answer: Any) -> None:
         """Read the pipeline's answer; raise UserRateLimited when all K slots are taken."""
         if int(answer):
             # the oldest generation usually finishes well before its expiry: say so gently
             raise UserRateLimited(min(int(answer) / 1000, 30.0), in_flight=True)
-        slot.held = True
 
     def queue_release(self, pipe: Pipeline, slot: InFlightSlot) -> None:
-        # always: the slot may be held though the turn stopped short of admitted() (a rate
-        # refusal); ZREM of an absent member does nothing
+        # whether or not the slot was admitted: ZREM of an absent member does nothing
         pipe.zrem(slot.name, slot.member)
 
     @asynccontextmanager
@@ -119,7 +116,7 @@ class Limiter:
         async with self.redis.pipeline(transaction=False) as pipe:
             slot = self.queue_in_flight(pipe, platform, user_id)
             (answer,) = await pipe.execute()
-        self.admitted(slot, answer)
+        self.admitted(answer)
         try:
             yield
         finally:
