@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import discord
-import redis.asyncio as aioredis
 import yarl
 from discord import app_commands
-from redis.exceptions import RedisError
 
 from adapters.discord_logic import (
     CHOICE_CHARS,
@@ -45,6 +43,7 @@ from bot.commands import CommandReply, parse_text_command
 from bot.conversation import stop_token
 from bot.errors import StateUnavailable, describe
 from bot.ratelimit import Limiter
+from bot.state import REDIS_DOWN, RedisClient
 from bot.streaming import split_message
 from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
 
@@ -88,7 +87,7 @@ class ReplyChains:
     of a long answer — continues that conversation; it expires with the history it points to.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: int) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str, ttl: int) -> None:
         self.redis = redis
         self.prefix = prefix
         self.ttl = ttl
@@ -649,7 +648,7 @@ class DiscordAdapter:
             refusal = await self.parley.conversation.stop(
                 token, user_id=str(user.id), is_admin=interaction.permissions.administrator
             )
-        except (RedisError, OSError) as e:
+        except REDIS_DOWN as e:
             log.error("could not stop a reply: redis unavailable: %s", e)
             refusal = describe(StateUnavailable())
         if refusal is None:

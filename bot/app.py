@@ -10,6 +10,8 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from limits.aio.storage import RedisClusterStorage, RedisStorage
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from bot.backends.base import Timeouts
 from bot.conversation import Conversation
@@ -18,16 +20,32 @@ from bot.metrics import Metrics
 from bot.ratelimit import Limiter
 from bot.router import Router
 from bot.settings import Settings
-from bot.state import State
+from bot.state import RedisClient, State
 
 log = logging.getLogger(__name__)
 
 
-def connect_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
-    """One pool per process, from a redis://, rediss://, unix:// or redis+sentinel:// URL.
+def _nodes(url: str, default_port: int) -> list[tuple[str, int]]:
+    """The host:port list of a `scheme://[user:password@]host:port[,host:port…]/…` URL."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    nodes = []
+    for node in hosts.split(","):
+        host, _, port = node.rpartition(":")
+        nodes.append((host or node, int(port or default_port)))
+    return nodes
+
+
+def is_cluster(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis+cluster", "rediss+cluster")
+
+
+def connect_redis(url: str, *, max_connections: int = 200) -> RedisClient:
+    """One pool per process, from a redis://, rediss://, unix://, redis+sentinel:// or
+    redis+cluster:// URL.
 
     Sentinel: `redis+sentinel://[:password@]host:port[,host:port…]/service[/db]`; the client
-    follows the master through failovers.
+    follows the master through failovers. Cluster: `redis+cluster://[:password@]host:port[,…]`
+    (any reachable nodes; the client learns the rest and follows slot moves and failovers).
     """
     options: dict[str, Any] = {
         "decode_responses": True,
@@ -36,17 +54,24 @@ def connect_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
         "retry_on_timeout": True,
     }
     parts = urlsplit(url)
+    auth: dict[str, Any] = {"password": unquote(parts.password)} if parts.password else {}
+    if parts.username:
+        auth["username"] = unquote(parts.username)
+    if is_cluster(url):
+        del options["health_check_interval"], options["retry_on_timeout"]  # not cluster options
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in _nodes(url, 6379)],
+            ssl=parts.scheme.startswith("rediss"),
+            max_connections=max_connections,  # per node
+            **auth,
+            **options,
+        )
     if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
-        hosts = parts.netloc.rpartition("@")[2]
-        nodes = []
-        for node in hosts.split(","):
-            host, _, port = node.rpartition(":")
-            nodes.append((host or node, int(port or 26379)))
+        nodes = _nodes(url, 26379)
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ValueError("a sentinel URL names the service: redis+sentinel://host:port/name")
         db = int(path[1]) if len(path) > 1 else 0
-        auth = {"password": unquote(parts.password)} if parts.password else {}
         if parts.scheme.startswith("rediss"):
             options["ssl"] = True
         sentinel = aioredis.Sentinel(nodes, sentinel_kwargs=dict(auth), **auth)  # type: ignore[no-untyped-call]
@@ -60,10 +85,33 @@ def connect_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def rate_storage(url: str, prefix: str, max_connections: int) -> RedisStorage | None:
+    """The `limits` storage for a cluster (it keeps its own cluster client); None otherwise
+    (the Limiter then shares our client's pool)."""
+    if not is_cluster(url):
+        return None
+    parts = urlsplit(url)
+    scheme = "async+redis+cluster"
+    netloc = ",".join(f"{host}:{port}" for host, port in _nodes(url, 6379))
+    options: dict[str, Any] = {"max_connections": max_connections, "socket_connect_timeout": 5}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    return RedisClusterStorage(
+        f"{scheme}://{netloc}",
+        implementation="redispy",
+        key_prefix=Limiter.storage_prefix(prefix),
+        **options,
+    )
+
+
 @dataclass
 class Parley:
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     state: State
     limiter: Limiter
     router: Router
@@ -99,6 +147,7 @@ class Parley:
             max_in_flight=settings.max_in_flight,
             in_flight_ttl=settings.turn_timeout,
             prefix=settings.redis_prefix,
+            storage=rate_storage(url, settings.redis_prefix, settings.redis_max_connections),
         )
         timeouts = Timeouts(
             connect=settings.connect_timeout,
@@ -134,6 +183,7 @@ class Parley:
             self._listener.cancel()
             await asyncio.wait({self._listener}, timeout=2.0)  # never hang a shutdown on it
         await self.router.aclose()
+        await self.limiter.aclose()
         await self.redis.aclose()
         if self.embedded is not None:
             await self.embedded.stop()

@@ -9,8 +9,6 @@ import time
 from collections.abc import Awaitable
 from enum import StrEnum
 
-from redis.exceptions import RedisError
-
 from bot.backends.base import Message
 from bot.commands import CommandReply, Commands, parse_text_command
 from bot.errors import (
@@ -31,7 +29,7 @@ from bot.prompt import build_messages
 from bot.ratelimit import InFlightSlot, Limiter
 from bot.router import Router
 from bot.settings import Settings
-from bot.state import HistoryEntry, State, TurnStart
+from bot.state import REDIS_DOWN, HistoryEntry, State, TurnStart, turn_token
 from bot.streaming import Renderer, RenderResult, Status, wait_first
 from bot.turn import ConversationKey, ReplySink, Turn
 
@@ -53,7 +51,7 @@ class Outcome(StrEnum):
 
 def stop_token(turn: Turn) -> str:
     """What a Stop button carries to name the reply it stops."""
-    return f"{turn.key.platform}:{turn.event_id}"
+    return turn_token(turn.key.platform, turn.event_id)
 
 
 class Conversation:
@@ -104,7 +102,7 @@ class Conversation:
                 self.metrics.user_rate_limited.labels(turn.key.platform).inc()
             await _best_effort(sink.notify(describe(e)))
             return Outcome.REFUSED
-        except (RedisError, OSError) as e:
+        except REDIS_DOWN as e:
             # Without Redis there is no de-duplication, history or limit: answering anyway
             # could answer twice across replicas, so say so and keep nothing half-done.
             log.error("redis unavailable: %s", e)
@@ -160,23 +158,21 @@ class Conversation:
 
     async def _turn(self, turn: Turn, sink: ReplySink) -> Outcome:
         """Three Redis round trips in the common case: one pipeline starts the turn (de-dup,
-        thread lock, in-flight slot, history, preferences), the rate check follows only for a
-        fresh event (a duplicate must not cost the user a request), one MULTI finishes it."""
+        thread lock, Stop-button owner, history, preferences); for a fresh event only (a
+        duplicate delivery must cost the user nothing) the rate check and an in-flight slot,
+        side by side; one pipeline finishes it."""
         platform, user = turn.key.platform, turn.user_id
         start = TurnStart(
             key=turn.key,
             event_id=turn.event_id,
-            token=stop_token(turn),
             owner=user,
             expire_ms=int(self.settings.turn_timeout * 1000),
         )
         async with self.state.redis.pipeline(transaction=False) as pipe:
             self.state.queue_start(pipe, start)
-            slot = self.limiter.queue_in_flight(
-                pipe, platform, user, only_if=(self.state.seen_key(start), start.lock_token)
-            )
             answers = await pipe.execute()
-        self.state.started(start, answers[:-1])
+        self.state.started(start, answers)
+        slot = self.limiter.slot(platform, user)
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         renderer = Renderer(sink)
         entries: list[HistoryEntry] = []
@@ -184,8 +180,14 @@ class Conversation:
             if not start.fresh:
                 log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
-            await self.limiter.check_rate(platform, user)
-            self.limiter.admitted(answers[-1])
+            checks = await asyncio.gather(
+                self.limiter.check_rate(platform, user),
+                self.limiter.acquire(slot),
+                return_exceptions=True,
+            )
+            for failed in checks:
+                if isinstance(failed, BaseException):
+                    raise failed
             if not start.locked:  # another message of this thread is being answered
                 await self.state.wait_for_thread(start)
             result, model = await self._answer(turn, renderer, start)
@@ -205,12 +207,13 @@ class Conversation:
     ) -> None:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
         try:
-            async with self.state.redis.pipeline(transaction=True) as pipe:
+            async with self.state.redis.pipeline(transaction=False) as pipe:
                 self.state.queue_finish(pipe, start, entries)
-                self.limiter.queue_release(pipe, slot)
+                if start.fresh:  # only a fresh event asked for a slot
+                    self.limiter.queue_release(pipe, slot)
                 if len(pipe):
                     await pipe.execute()
-        except (RedisError, OSError) as e:
+        except REDIS_DOWN as e:
             log.error("could not save history or free the thread (it lapses by itself): %s", e)
 
     async def _answer(
@@ -292,7 +295,7 @@ class Conversation:
             return await self._failed(renderer, e)
         except (BackendError, ParleyError) as e:
             return await self._failed(renderer, e)
-        except (RedisError, OSError):
+        except REDIS_DOWN:
             raise
         except Exception as e:
             log.exception("turn failed unexpectedly")

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -52,9 +53,13 @@ class PortTaken(RuntimeError):
 class EmbeddedRedis:
     """A redis-server child process on a loopback port."""
 
-    def __init__(self, data_dir: Path | None, *, persist: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path | None, *, persist: bool = True, extra_args: Sequence[str] = ()
+    ) -> None:
+        """`extra_args`: more redis-server options, e.g. `--cluster-enabled yes` for tests."""
         self.data_dir = data_dir
         self.persist = persist
+        self.extra_args = list(extra_args)
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -97,6 +102,7 @@ class EmbeddedRedis:
             args += ["--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra_args
         # own session: a terminal's Ctrl-C reaches Parley, which then stops Redis cleanly;
         # and on Linux the server gets SIGTERM if Parley dies without stopping it (no orphans)
         self._process = subprocess.Popen(

@@ -16,20 +16,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 
 from bot.errors import UserRateLimited
 from bot.settings import RateLimit
+from bot.state import AnyPipeline, RedisClient
 
-# KEYS[1] busy zset, optional KEYS[2] a key that must hold ARGV[5] (the turn's de-dup claim:
-# a duplicate delivery takes no slot); ARGV: now, expiry, member, max. Returns 0 when admitted
-# (or not asked for), else the milliseconds until the oldest in-flight entry expires.
+# KEYS[1] busy zset; ARGV: now, expiry, member, max. Returns 0 when admitted, else the
+# milliseconds until the oldest in-flight entry expires.
 ACQUIRE_IN_FLIGHT = """
-if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[5] then
-  return 0
-end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -50,24 +47,30 @@ class InFlightSlot:
 class Limiter:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         rate: RateLimit,
         max_in_flight: int,
         in_flight_ttl: float,
         prefix: str = "parley:",
+        storage: RedisStorage | None = None,
     ) -> None:
+        """`storage`: the `limits` library's storage for the moving windows; by default one on
+        `redis`'s own pool (a cluster client needs `limits`' cluster storage: see app.py)."""
         self.redis = redis
         self.prefix = prefix
         self.rate = RateLimitItemPerSecond(rate.count, rate.seconds)
         self.max_in_flight = max_in_flight
         self.in_flight_ttl = in_flight_ttl
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # one pool
-            key_prefix=f"{prefix}rl",
-        )
+        if storage is None:
+            if not isinstance(redis, aioredis.Redis):
+                raise TypeError("a Redis Cluster client needs limits' RedisClusterStorage")
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # one pool
+                key_prefix=self.storage_prefix(prefix),
+            )
         self.window = MovingWindowRateLimiter(storage)
 
     async def check_rate(self, platform: str, user_id: str) -> None:
@@ -77,28 +80,34 @@ class Limiter:
         stats = await self.window.get_window_stats(self.rate, platform, user_id)
         raise UserRateLimited(max(1.0, stats.reset_time - time.time()))
 
-    def queue_in_flight(
-        self,
-        pipe: Pipeline,
-        platform: str,
-        user_id: str,
-        *,
-        only_if: tuple[str, str] | None = None,
-    ) -> InFlightSlot:
-        """Ask for one of the user's K generation slots as part of a pipeline.
+    async def aclose(self) -> None:
+        """Close the client `limits` made for itself (a cluster storage); ours is closed apart."""
+        storage = self.window.storage
+        if isinstance(storage, RedisClusterStorage) and isinstance(
+            client := getattr(storage.bridge, "storage", None), RedisCluster
+        ):
+            await client.aclose()
 
-        `only_if=(key, value)`: only when that key holds that value by then (a claim queued
-        earlier in the same pipeline), so a duplicate delivery never takes a slot.
-        """
-        slot = InFlightSlot(f"{self.prefix}busy:{{{platform}:{user_id}}}", uuid.uuid4().hex)
+    @staticmethod
+    def storage_prefix(prefix: str) -> str:
+        return f"{prefix}rl"
+
+    def slot(self, platform: str, user_id: str) -> InFlightSlot:
+        """A (not yet taken) generation slot of this user's."""
+        return InFlightSlot(f"{self.prefix}busy:{{{platform}:{user_id}}}", uuid.uuid4().hex)
+
+    def queue_in_flight(self, pipe: AnyPipeline, slot: InFlightSlot) -> None:
+        """Ask for one of the user's K generation slots as part of a pipeline."""
         now = time.time()
-        keys = [slot.name]
         args: list[str | float] = [now, now + self.in_flight_ttl, slot.member, self.max_in_flight]
-        if only_if is not None:
-            keys.append(only_if[0])
-            args.append(only_if[1])
-        pipe.execute_command("EVAL", ACQUIRE_IN_FLIGHT, len(keys), *keys, *args)
-        return slot
+        pipe.execute_command("EVAL", ACQUIRE_IN_FLIGHT, 1, slot.name, *args)
+
+    async def acquire(self, slot: InFlightSlot) -> None:
+        """Take the slot, or raise UserRateLimited when the user's K slots are all taken."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.queue_in_flight(pipe, slot)
+            (answer,) = await pipe.execute()
+        self.admitted(answer)
 
     def admitted(self, answer: Any) -> None:
         """Read the pipeline's answer; raise UserRateLimited when all K slots are taken."""
@@ -106,17 +115,15 @@ class Limiter:
             # the oldest generation usually finishes well before its expiry: say so gently
             raise UserRateLimited(min(int(answer) / 1000, 30.0), in_flight=True)
 
-    def queue_release(self, pipe: Pipeline, slot: InFlightSlot) -> None:
+    def queue_release(self, pipe: AnyPipeline, slot: InFlightSlot) -> None:
         # whether or not the slot was admitted: ZREM of an absent member does nothing
         pipe.zrem(slot.name, slot.member)
 
     @asynccontextmanager
     async def in_flight(self, platform: str, user_id: str) -> AsyncIterator[None]:
         """Hold one of the user's K generation slots for the duration of the block."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            slot = self.queue_in_flight(pipe, platform, user_id)
-            (answer,) = await pipe.execute()
-        self.admitted(answer)
+        slot = self.slot(platform, user_id)
+        await self.acquire(slot)
         try:
             yield
         finally:

@@ -216,13 +216,21 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme in ("redis+cluster", "rediss+cluster"):
-            raise ValueError("Redis Cluster is not supported yet; use one primary (with Sentinel)")
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+        parts = urlsplit(value.get_secret_value())
+        scheme = parts.scheme
+        schemes = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+        if scheme not in (*schemes, "redis+cluster", "rediss+cluster"):
             raise ValueError(  # the URL itself may carry a password: name only its scheme
-                f"scheme {scheme!r} is not redis://, rediss://, unix:// or redis+sentinel://"
+                f"scheme {scheme!r} is not redis://, rediss://, unix://, redis+sentinel:// "
+                "or redis+cluster://"
             )
+        if scheme.endswith(("+cluster", "+sentinel")):
+            for node in parts.netloc.rpartition("@")[2].split(","):
+                host, colon, port = node.rpartition(":")
+                if not (host if colon else node) or (colon and not port.isdigit()):
+                    raise ValueError(f"{scheme}:// needs host:port[,host:port…] (got {node!r})")
+            if scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+                raise ValueError("Redis Cluster has only database 0")
         return value
 
     @field_validator("redis_prefix")

@@ -1,7 +1,10 @@
 """Shared state in Redis: thread history, channel preferences, event de-duplication, locks.
 
-Every key of one conversation shares a hash tag (`{platform:space:channel:thread}`), so the same
-code runs on Redis Cluster; multi-key writes are MULTI transactions.
+The same code runs on one Redis (or a Sentinel-watched primary) and on Redis Cluster: every script
+touches keys of one hash slot only (a thread's keys share the tag `{platform:space:channel:thread}`,
+an event's de-dup key and its Stop-button owner share `{platform:event_id}`), multi-key atomic
+writes are Lua scripts rather than MULTI, and pipelines are plain (a cluster client splits them by
+node).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
@@ -35,6 +39,14 @@ end
 return 0
 """
 
+# Append to a thread's history, keep its newest ARGV[1] entries and refresh its TTL, atomically.
+APPEND_HISTORY = """
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 # Delete a lock only if it still holds our token (it may have expired and been taken since).
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -44,6 +56,12 @@ return 0
 """
 
 log = logging.getLogger(__name__)
+
+# What a lost or restarting Redis raises (a cluster client raises the last when no node answers)
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, OSError, RedisClusterException)
+
+RedisClient = aioredis.Redis | RedisCluster  # one primary (or Sentinel's), or a cluster
+AnyPipeline = Pipeline | ClusterPipeline
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,7 @@ class Preferences:
 class State:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str = "parley:",
         history_max: int = 50,
@@ -124,17 +142,22 @@ class State:
 
     async def append(self, key: ConversationKey, *entries: HistoryEntry) -> None:
         """Append, trim to the newest N and refresh the TTL, atomically."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             self._queue_append(pipe, key, entries)
             await pipe.execute()
 
     def _queue_append(
-        self, pipe: Pipeline, key: ConversationKey, entries: Sequence[HistoryEntry]
+        self, pipe: AnyPipeline, key: ConversationKey, entries: Sequence[HistoryEntry]
     ) -> None:
-        name = self.history_key(key)
-        pipe.rpush(name, *(e.to_json() for e in entries))
-        pipe.ltrim(name, -self.history_max, -1)
-        pipe.expire(name, self.history_ttl)
+        pipe.execute_command(
+            "EVAL",
+            APPEND_HISTORY,
+            1,
+            self.history_key(key),
+            self.history_max,
+            self.history_ttl,
+            *(e.to_json() for e in entries),
+        )
 
     async def is_active(self, key: ConversationKey) -> bool:
         """The bot answered in this thread, or is answering there now (its lock is held)."""
@@ -165,11 +188,14 @@ class State:
         )
 
     def _seen_key(self, platform: str, event_id: str) -> str:
-        return f"{self.prefix}seen:{platform}:{event_id or uuid.uuid4().hex}"
+        # tagged like the Stop-button owner of the same event (`turn_token`): one hash slot.
+        # No event id: nothing to de-duplicate, a key of its own.
+        unique = "" if event_id else f":{uuid.uuid4().hex}"
+        return f"{self.prefix}seen:{{{turn_token(platform, event_id)}}}{unique}"
 
     # --- replies in flight (for the Stop button, on whichever replica it is pressed) ---
     def _turn_key(self, token: str) -> str:
-        return f"{self.prefix}turn:{token}"
+        return f"{self.prefix}turn:{{{token}}}"
 
     async def turn_owner(self, token: str) -> str | None:
         owner = await self.redis.get(self._turn_key(token))
@@ -187,26 +213,30 @@ class State:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self.redis, RedisCluster):
+                    # its pub/sub picks a node from the slot map, empty until the first command.
+                    # Cluster PUBLISH reaches every node: one subscription on any node hears all
+                    await self.redis.initialize()
                 await pubsub.subscribe(self.stop_channel)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         yield _text(message["data"])
-            except (RedisError, OSError) as e:
+            except REDIS_DOWN as e:
                 log.warning("stop channel lost (%s); resubscribing", e)
                 await asyncio.sleep(1.0)
             finally:
                 # bounded: closing a connection whose read was just cancelled can hang
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                with contextlib.suppress(*REDIS_DOWN, TimeoutError):
                     await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     # --- a turn's start and finish: one round trip each ---
-    def queue_start(self, pipe: Pipeline, start: TurnStart) -> None:
+    def queue_start(self, pipe: AnyPipeline, start: TurnStart) -> None:
         """De-dup, thread lock, Stop-button owner, history and preferences, in one pipeline.
 
         Read the answers with `started()`; every step is undone by `queue_finish()`.
         """
         key = start.key
-        seen = self.seen_key(start)
+        seen = self._seen_key(key.platform, start.event_id)
         pipe.set(seen, start.lock_token, nx=True, ex=self.dedup_ttl)
         pipe.set(self.lock_key(key), start.lock_token, nx=True, px=start.expire_ms)
         # EVAL, not EVALSHA: redis-py precedes a pipeline holding a registered script with a
@@ -223,10 +253,6 @@ class State:
         )
         pipe.lrange(self.history_key(key), -self.history_fetch, -1)
         pipe.hgetall(self.pref_key(key))
-
-    def seen_key(self, start: TurnStart) -> str:
-        """The de-dup key; it holds the lock token of the turn that saw the event first."""
-        return self._seen_key(start.key.platform, start.event_id)
 
     def started(self, start: TurnStart, answers: Sequence[Any]) -> None:
         fresh, locked, claimed, history, prefs = answers
@@ -251,7 +277,7 @@ class State:
         start.history, start.prefs = _entries(history), _preferences(prefs)
 
     def queue_finish(
-        self, pipe: Pipeline, start: TurnStart, entries: Sequence[HistoryEntry] = ()
+        self, pipe: AnyPipeline, start: TurnStart, entries: Sequence[HistoryEntry] = ()
     ) -> None:
         """Save the exchange and let go of the thread and the Stop-button owner."""
         if entries:
@@ -273,12 +299,17 @@ class State:
         good; a second message waits at most that long (or `wait`) for the first to finish,
         then ThreadBusy.
         """
-        start = TurnStart(key=key, event_id="", token="", owner="", expire_ms=int(expire * 1000))
+        start = TurnStart(key=key, event_id="", owner="", expire_ms=int(expire * 1000))
         await self.wait_for_thread(start, wait=wait)
         try:
             yield
         finally:
             await self._release(keys=[self.lock_key(key)], args=[start.lock_token])
+
+
+def turn_token(platform: str, event_id: str) -> str:
+    """Names a reply in flight (what its Stop button carries); the hash tag of its event's keys."""
+    return f"{platform}:{event_id}"
 
 
 @dataclass
@@ -287,7 +318,6 @@ class TurnStart:
 
     key: ConversationKey
     event_id: str
-    token: str  # the Stop button's token
     owner: str  # who may press Stop
     expire_ms: int  # locks and claims lapse by themselves after this
     lock_token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -296,6 +326,11 @@ class TurnStart:
     claimed: bool = False
     history: list[HistoryEntry] = field(default_factory=list)
     prefs: Preferences = field(default_factory=lambda: Preferences())
+
+    @property
+    def token(self) -> str:
+        """The Stop button's token."""
+        return turn_token(self.key.platform, self.event_id)
 
 
 def _entries(raw: Sequence[bytes | str]) -> list[HistoryEntry]:

@@ -239,16 +239,41 @@ def test_load_settings_with_a_bad_setting_exits_2_with_one_line_naming_it(
     assert setting in lines[0]
 
 
-def test_a_redis_cluster_url_is_refused_clearly_without_echoing_the_password() -> None:
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://:hunter2@:7000", "needs host:port"),
+        ("redis+cluster://:hunter2@h:7000,h2:x", "needs host:port"),
+        ("redis+cluster://:hunter2@h:7000/3", "only database 0"),
+        ("redis+sentinel://:hunter2@,s:26379/parley", "needs host:port"),
+        ("memcached://:hunter2@h:11211", "is not redis://"),
+    ],
+)
+def test_a_bad_redis_url_is_refused_clearly_without_echoing_the_password(
+    url: str, says: str
+) -> None:
     from pydantic import ValidationError
 
     from bot.settings import Settings, describe_validation_error
 
     try:
-        Settings(_env_file=None, redis_url="redis+cluster://:hunter2@h:7000")  # type: ignore[call-arg]
+        Settings(_env_file=None, redis_url=url)  # type: ignore[call-arg]
     except ValidationError as e:
         line = describe_validation_error(e)
     else:
-        raise AssertionError("a cluster URL was accepted")
-    assert line.startswith("invalid setting PARLEY_REDIS_URL: Redis Cluster is not supported")
+        raise AssertionError(f"{url} was accepted")
+    assert line.startswith("invalid setting PARLEY_REDIS_URL: ")
+    assert says in line
     assert "hunter2" not in line
+
+
+def test_cluster_and_sentinel_urls_are_accepted() -> None:
+    from bot.settings import Settings
+
+    for url in (
+        "redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7000",
+        "rediss+cluster://user:pw@redis.internal:6380",
+        "redis+sentinel://s1:26379,s2:26379/parley/2",
+    ):
+        settings = Settings(_env_file=None, redis_url=url)  # type: ignore[call-arg]
+        assert settings.redis_url is not None

@@ -141,7 +141,7 @@ async def test_first_sighting_is_true_exactly_once_across_replicas(redis_url: st
 async def test_a_seen_event_expires_after_the_dedup_ttl(redis_client: aioredis.Redis) -> None:
     state = make_state(redis_client, dedup_ttl=600)
     assert await state.first_sighting("slack", "Ev1")
-    ttl = await redis_client.ttl("test:seen:slack:Ev1")
+    ttl = await redis_client.ttl("test:seen:{slack:Ev1}")
     assert 590 <= ttl <= 600
 
 
