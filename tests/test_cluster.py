@@ -237,3 +237,47 @@ async def test_parley_check_reports_a_cluster(cluster_url: str, tmp_path: Path) 
         assert len(client.get_nodes()) == 3  # type: ignore[union-attr]
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_node_restart_is_survived_without_restarting_parley(
+    open_parley: Callable[..., Awaitable[Parley]], cluster_nodes: list[EmbeddedRedis]
+) -> None:
+    parley = await open_parley(rate_limit="100/minute")
+    assert isinstance(parley.redis, RedisCluster)
+    await parley.redis.initialize()  # the slot map
+    # a thread whose keys live on the node that is about to go down
+    down = cluster_nodes[1]
+    thread = next(t for t in (f"t{i}" for i in range(100)) if _node_of(parley, t) == down.port)
+    assert await parley.conversation.handle(turn("before", thread=thread), RecordingSink()) is (
+        Outcome.COMPLETE
+    )
+    await down.stop()
+    during = RecordingSink()
+    assert await parley.conversation.handle(turn("during", thread=thread), during) is Outcome.ERROR
+    assert "memory store (Redis) is unavailable" in during.messages[-1]
+    await down.start()  # same port and node file: it takes its slots back
+    await until(lambda: _cluster_ok(cluster_nodes), within=20)
+    after = RecordingSink()
+    assert await parley.conversation.handle(turn("after", thread=thread), after) is (
+        Outcome.COMPLETE
+    ), after.messages
+    assert after.messages == ["You said: after"]
+
+
+def _node_of(parley: Parley, thread: str) -> int:
+    assert isinstance(parley.redis, RedisCluster)
+    name = parley.state.history_key(turn("", thread=thread).key)
+    node = parley.redis.get_node_from_key(name)
+    assert node is not None
+    return int(node.port)
+
+
+def _cluster_ok(nodes: list[EmbeddedRedis]) -> bool:
+    for node in nodes:
+        try:
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                if client.execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                    return False
+        except redis.RedisError:
+            return False
+    return True
