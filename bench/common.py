@@ -278,9 +278,9 @@ def settings(
 ) -> Settings:
     """Parley's real settings with the limits opened up so the bench measures Parley, not them.
 
-    `redis_max_connections` > 0 raises redis-py's connection pool cap (100 by default since
-    redis-py 8, and a full pool fails at once with "Too many connections") through the URL, as
-    an operator can: `redis://host:port/0?max_connections=N`.
+    `redis_max_connections` > 0 sets the Redis connection pool's cap through the URL, as an
+    operator can (`redis://host:port/0?max_connections=N`); 0 leaves the core's own setting
+    (`PARLEY_REDIS_MAX_CONNECTIONS`: a blocking pool, 200 by default).
     """
     if redis_max_connections > 0:
         sep = "&" if "?" in redis_url else "?"

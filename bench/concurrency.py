@@ -20,10 +20,10 @@ Per row:
   fake late p99  how late the fake backend sent tokens against its own schedule (if it is
                  late, the fake, not Parley, was the bottleneck)
 
-Each httpx client (one per configured backend) keeps at most 100 connections (bot/backends/
-base.py), so by default the streams are spread over ⌈N/100⌉ backend entries that all point at
-the same fake, each conversation pinned to one with a channel preference `bK/model`.
-`--conns-per-backend 0` puts every stream on one backend entry to show what that cap does.
+By default the streams are spread over ⌈N/100⌉ backend entries that all point at the same fake
+(one httpx client each), each conversation pinned to one with a channel preference `bK/model`, as
+when the httpx pool capped a client at 100 connections. `--conns-per-backend 0` puts every stream
+on one backend entry (the pool no longer caps it: the router's per-backend semaphore does).
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-max-connections",
         type=int,
         default=10_000,
-        help="redis-py pool cap via the URL (0: redis-py's default, 100)",
+        help="redis pool cap via the URL (0: the core's own, PARLEY_REDIS_MAX_CONNECTIONS)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="per level, seconds")
     parser.add_argument("--profile", default="none", choices=["none", "cprofile", "sample"])

@@ -9,14 +9,22 @@
    per 1,000 tokens and loop lag, repeated --repeat times in alternation, as ratios to the core.
 3. End to end: the concurrency benchmark at --streams once per reader (the candidate is handed to
    Parley's Router in place of the core's backend object), same table as bench.concurrency.
+4. Per reply: short replies (10 tokens, no wait) one after another through one client, per
+   reader: the fixed cost of a request (connection, pool, headers), CPU and wall time per reply.
+   "core, sniffio looked up" is the core with httpcore's failed `import sniffio` as it was before
+   bot/backends/transport.py put None in sys.modules for it (that entry is process-wide, so the
+   other readers in this process run without the lookup too).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench import concurrency
@@ -74,6 +82,40 @@ async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> 
         "lag_p99": percentile(monitor.lags, 0.99),
         "wall": wall,
     }
+
+
+@contextlib.contextmanager
+def sniffio_looked_up() -> Iterator[None]:
+    """httpcore's `import sniffio` walks sys.path again, as before bot/backends/transport.py."""
+    saved = sys.modules.pop("sniffio", "absent")
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules["sniffio"] = None
+
+
+async def per_reply(url: str, reader: str, n: int) -> dict[str, Any]:
+    """n short replies one after another through one client: CPU and wall time per reply."""
+    cls = READERS["core" if reader == SNIFFIO else reader]
+    client = cls(BackendConfig(name="b0", kind="ollama", url=url), Timeouts())
+    messages = [Message("user", "Hello!")]
+    walls: list[float] = []
+    with sniffio_looked_up() if reader == SNIFFIO else contextlib.nullcontext():
+        async for _ in client.chat(MODEL, messages):  # warm: connection, imports
+            pass
+        cpu0 = cpu_seconds()
+        for _ in range(n):
+            started = time.monotonic()
+            async for _ in client.chat(MODEL, messages):
+                pass
+            walls.append(time.monotonic() - started)
+        cpu = cpu_seconds() - cpu0
+    await client.aclose()
+    return {"cpu": cpu / n, "wall_p50": percentile(walls, 0.5), "wall_p99": percentile(walls, 0.99)}
+
+
+SNIFFIO = "core, sniffio looked up"
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -142,18 +184,51 @@ async def main_async(args: argparse.Namespace) -> None:
     )
     core = results[0]["cpu_per_1k"]
     ratios = [f"{r}: {x['cpu_per_1k'] / core:.2f}x" for r, x in zip(READERS, results, strict=True)]
-    print("CPU per 1k tokens vs core: " + ", ".join(ratios))
+    print("CPU per 1k tokens vs core: " + ", ".join(ratios) + "\n")
+
+    # 4. per reply
+    n = args.replies
+    print(f"4. Per reply: {n} short replies one after another, per reader\n", flush=True)
+    short = BackendOptions(tokens=10, tps="1000,1000", ttft=0.0)
+    readers = ["core", SNIFFIO, *VARIANTS]
+    replies: dict[str, list[dict[str, Any]]] = {r: [] for r in readers}
+    async with backends(short, 1) as quick:
+        for _ in range(args.repeat):
+            for reader in readers:
+                replies[reader].append(await per_reply(quick[0].url, reader, n))
+    core_cpu = sum(r["cpu"] for r in replies["core"]) / args.repeat
+    rows = []
+    for reader, results_ in replies.items():
+        cpu = sum(r["cpu"] for r in results_) / len(results_)
+        rows.append(
+            [
+                reader,
+                n * len(results_),
+                ms(cpu),
+                f"{cpu / core_cpu:.2f}x",
+                " ".join(f"{ms(r['wall_p50']):.2f}" for r in results_),
+                " ".join(f"{ms(r['wall_p99']):.2f}" for r in results_),
+            ]
+        )
+    print_table(
+        f"Short replies (10 tokens, no wait), one at a time ({args.repeat} rounds, alternating)",
+        ["reader", "replies", "CPU ms/reply", "vs core", "wall p50 ms", "wall p99 ms"],
+        rows,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Profile the hot path (see module doc).")
-    parser.add_argument("--quick", action="store_true", help="100 streams of 60 tokens, 1 round")
+    parser.add_argument(
+        "--quick", action="store_true", help="100 streams of 60 tokens, 100 replies, 1 round"
+    )
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--replies", type=int, default=300, help="per reader and round, in (4)")
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.tokens, args.repeat = 100, 60, 1
+        args.streams, args.tokens, args.repeat, args.replies = 100, 60, 1, 100
     asyncio.run(main_async(args))
 
 

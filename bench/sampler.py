@@ -24,6 +24,7 @@ GROUPS = (
     ("/httpcore/", "httpcore"),
     ("/h11/", "h11 (HTTP/1.1 parser)"),
     ("/anyio/", "anyio"),
+    ("/aiohttp/", "aiohttp"),
     ("/asyncio/", "asyncio (event loop, tasks)"),
     ("/redis/", "redis-py"),
     ("/limits/", "limits"),
@@ -34,12 +35,14 @@ GROUPS = (
 
 WATCH = (
     ("reading the backend stream, per line", "bot/backends/ollama.py", "timed_lines"),
-    ("asyncio.timeout() around every line", "asyncio/timeouts.py", "timeout"),
-    ("anyio.fail_after() around every socket read", "anyio/_core/_tasks.py", "fail_after"),
+    ("socket reads (bot/backends/transport.py)", "bot/backends/transport.py", "read"),
+    ("socket reads through anyio (httpx's default)", "httpcore/_backends/anyio.py", "read"),
+    ("asyncio.timeout() (per line before StallTimer)", "asyncio/timeouts.py", "timeout"),
     ("h11: HTTP/1.1 chunked parsing", "httpcore/_async/http11.py", "_receive_event"),
     ("json.loads of each line", "json/__init__.py", "loads"),
     ("renderer.feed() per chunk", "bot/streaming.py", "feed"),
     ("redis-py: importlib.metadata per new connection", "redis/utils.py", "get_lib_version"),
+    ("httpcore: looking for sniffio", "httpcore/_synchronization.py", "current_async_library"),
     ("per-user rate check (limits library)", "bot/ratelimit.py", "check_rate"),
     ("router.open (request, first chunk)", "bot/router.py", "open"),
 )

@@ -1,15 +1,18 @@
-"""Candidate replacements for the hot path the profile finds: reading the backend's NDJSON stream.
+"""Readers of the backend's NDJSON stream to compare with the core's (see bench/profile.py).
 
-These are *proposals*, kept in bench/ so the same run can compare them with the core's
-`bot.backends.ollama.OllamaBackend` (see bench/profile.py). Each implements the core's Backend
-protocol (name, config, chat(), list_models(), aclose()) with the same typed chunks and typed
-errors, so a Router can be handed one in place of the core's object (dependency injection, no
-patching of core functions).
+The profile's hot path is reading the backend stream. Each class here implements the core's
+Backend protocol (name, config, chat(), list_models(), aclose()) with the same typed chunks and
+typed errors, so a Router can be handed one in place of the core's object (dependency injection,
+no patching of core functions).
 
-  httpx-lean   the core's httpx client, but raw bytes split on b"\\n" and parsed as bytes, and one
-               idle watchdog per stream instead of an `asyncio.timeout()` around every line.
+  previous     the core before the asyncio transport: httpx's default transport (anyio), httpx's
+               byte → text → line decoders and an `asyncio.timeout()` around every line.
+  core-anyio   today's core reader (raw bytes split into lines, one `StallTimer` per stream) on
+               httpx's default transport: what the transport alone is worth (vs core) and what the
+               line reader alone is worth (vs previous).
   aiohttp      aiohttp's client (already a Parley dependency; its HTTP parser is C) with the same
-               line loop and watchdog.
+               line loop and one idle watchdog per stream; not the core's client (the ground rules
+               name httpx), kept as the yardstick.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from bot.backends.base import (
     Thinking,
     Timeouts,
     error_text,
-    make_client,
     status_error,
+    transport_error,
 )
+from bot.backends.ollama import OllamaBackend
 from bot.errors import BackendStreamError, BackendTimeout, BackendUnreachable
 from bot.settings import BackendConfig
 
@@ -55,7 +59,10 @@ class IdleWatchdog:
 
     def seen(self) -> None:
         self.last = self.loop.time()
-        self.limit = self.idle
+        if self.limit != self.idle:  # the first line: from now on the (shorter) idle limit
+            self.limit = self.idle
+            self.handle.cancel()
+            self.handle = self.loop.call_at(self.last + self.idle, self._check)
 
     def _check(self) -> None:
         due = self.last + self.limit
@@ -100,36 +107,64 @@ def body_of(model: str, messages: list[Message]) -> dict[str, Any]:
     }
 
 
-class HttpxLeanOllama:
-    """The core's client; raw bytes, split and parsed without the text/line decoders."""
+def anyio_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
+    """`make_client` as it was: the same headers, timeouts and pool limits, httpx's transport."""
+    headers = {"User-Agent": "parley/0.1"}
+    if config.api_key is not None:
+        headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+    return httpx.AsyncClient(
+        base_url=config.url,
+        headers=headers,
+        timeout=httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
+    )
+
+
+async def decoded_lines(
+    response: httpx.Response, backend: str, timeouts: Timeouts
+) -> AsyncIterator[str]:
+    """The core's line reader before `StallTimer`: httpx's decoders, a timeout per line."""
+    lines = response.aiter_lines()
+    limit = timeouts.first_chunk
+    while True:
+        try:
+            async with asyncio.timeout(limit):
+                line = await anext(lines)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BackendTimeout(backend, f"no output for {limit:.0f}s") from None
+        limit = timeouts.idle
+        if line.strip():
+            yield line
+
+
+class PreviousOllama(OllamaBackend):
+    """`OllamaBackend` as it was before the asyncio transport (code 7e0b6aa)."""
 
     def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
         self.name = config.name
         self.config = config
         self.timeouts = timeouts or Timeouts()
-        self.client = make_client(config, self.timeouts)
+        self.client = anyio_client(config, self.timeouts)
 
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
         request = self.client.build_request("POST", "/api/chat", json=body_of(model, messages))
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TransportError as e:
-            raise BackendUnreachable(self.name, type(e).__name__) from e
-        watchdog = IdleWatchdog(self.timeouts.first_chunk, self.timeouts.idle)
-        started = False
+            raise transport_error(self.name, e) from e
         try:
             if response.status_code != 200:
                 text = error_text(await response.aread())
                 raise status_error(self.name, model, response.status_code, text, response.headers)
-            pending = b""
-            async for raw in response.aiter_raw():
-                watchdog.seen()
-                *lines, pending = (pending + raw).split(b"\n")
-                for line in lines:
-                    if not line.strip():
-                        continue
+            started = False
+            try:
+                async for line in decoded_lines(response, self.name, self.timeouts):
                     try:
-                        data = json.loads(line)
+                        data: dict[str, Any] = json.loads(line)
                     except ValueError:
                         raise BackendStreamError(self.name, "malformed output") from None
                     for chunk in chunks_of(data, self.name):
@@ -137,26 +172,23 @@ class HttpxLeanOllama:
                         yield chunk
                         if isinstance(chunk, Done):
                             return
+            except httpx.TransportError as e:
+                if started:
+                    raise BackendStreamError(self.name, "the connection broke") from e
+                raise transport_error(self.name, e) from e
             raise BackendStreamError(self.name, "the stream ended without finishing")
-        except asyncio.CancelledError:
-            if watchdog.expired and watchdog.task is not None:
-                watchdog.task.uncancel()  # our own cancellation, turned into a typed error
-                raise BackendTimeout(self.name, "no output in time") from None
-            raise
-        except httpx.TransportError as e:
-            if started:
-                raise BackendStreamError(self.name, "the connection broke") from e
-            raise BackendUnreachable(self.name, type(e).__name__) from e
         finally:
-            watchdog.close()
             await response.aclose()
 
-    async def list_models(self) -> list[str]:
-        response = await self.client.get("/api/tags", timeout=self.timeouts.connect * 2)
-        return [str(m["name"]) for m in response.json().get("models") or []]
 
-    async def aclose(self) -> None:
-        await self.client.aclose()
+class CoreAnyioOllama(OllamaBackend):
+    """Today's `OllamaBackend`, unchanged, on httpx's default (anyio) transport."""
+
+    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        self.client = anyio_client(config, self.timeouts)
 
 
 class AiohttpOllama:
@@ -231,7 +263,11 @@ class AiohttpOllama:
             await self._session.close()
 
 
-VARIANTS: dict[str, type[Any]] = {"httpx-lean": HttpxLeanOllama, "aiohttp": AiohttpOllama}
+VARIANTS: dict[str, type[Any]] = {
+    "previous": PreviousOllama,
+    "core-anyio": CoreAnyioOllama,
+    "aiohttp": AiohttpOllama,
+}
 
 
 async def install(router: Any, variant: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from bot.backends.transport import AsyncioTransport
 from bot.errors import (
     BackendBadRequest,
     BackendBusy,
@@ -73,7 +74,11 @@ class Backend(Protocol):
 
 
 def make_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
-    """One pooled client per backend; the bearer header only when a key is configured."""
+    """One pooled client per backend; the bearer header only when a key is configured.
+
+    Its transport reads sockets through asyncio's protocol callbacks rather than anyio (see
+    bot/backends/transport.py; the same httpx client, connection pool and errors).
+    """
     headers = {"User-Agent": "parley/0.1"}
     if config.api_key is not None:
         headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
@@ -84,7 +89,9 @@ def make_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
             connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
         ),
         # the router's per-backend cap limits generations; the pool must not refuse them first
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
+        transport=AsyncioTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=50)
+        ),
     )
 
 

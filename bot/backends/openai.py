@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +21,7 @@ from bot.backends.base import (
     status_error,
     transport_error,
 )
-from bot.backends.ollama import timed_lines
+from bot.backends.ollama import rest_of_body, timed_lines
 from bot.errors import BackendError, BackendStreamError
 from bot.settings import BackendConfig
 
@@ -53,35 +54,38 @@ class OpenAIBackend:
             started = False
             reason: str | None = None
             usage: dict[str, Any] = {}
+            lines = timed_lines(response, self.name, self.timeouts)
             try:
-                async for line in timed_lines(response, self.name, self.timeouts):
-                    if not line.startswith("data:"):
-                        continue  # comments, event names, keep-alives
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        yield Done(
-                            reason=reason or "stop",
-                            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                            completion_tokens=int(usage.get("completion_tokens", 0)),
-                        )
-                        return
-                    try:
-                        data: dict[str, Any] = json.loads(payload)
-                    except ValueError:
-                        raise BackendStreamError(self.name, "malformed output") from None
-                    if "error" in data:
-                        raise BackendStreamError(self.name, error_text(payload.encode()))
-                    usage = data.get("usage") or usage
-                    for choice in data.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        thought = delta.get("reasoning") or delta.get("reasoning_content")
-                        if thought:
-                            started = True
-                            yield Thinking(str(thought))
-                        if content := delta.get("content"):
-                            started = True
-                            yield Content(str(content))
-                        reason = choice.get("finish_reason") or reason
+                async with contextlib.aclosing(lines):
+                    async for line in lines:
+                        if not line.startswith("data:"):
+                            continue  # comments, event names, keep-alives
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            yield Done(
+                                reason=reason or "stop",
+                                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                                completion_tokens=int(usage.get("completion_tokens", 0)),
+                            )
+                            await rest_of_body(lines)
+                            return
+                        try:
+                            data: dict[str, Any] = json.loads(payload)
+                        except ValueError:
+                            raise BackendStreamError(self.name, "malformed output") from None
+                        if "error" in data:
+                            raise BackendStreamError(self.name, error_text(payload.encode()))
+                        usage = data.get("usage") or usage
+                        for choice in data.get("choices") or []:
+                            delta = choice.get("delta") or {}
+                            thought = delta.get("reasoning") or delta.get("reasoning_content")
+                            if thought:
+                                started = True
+                                yield Thinking(str(thought))
+                            if content := delta.get("content"):
+                                started = True
+                                yield Content(str(content))
+                            reason = choice.get("finish_reason") or reason
             except httpx.TransportError as e:
                 if started:
                     raise BackendStreamError(self.name, "the connection broke") from e
