@@ -8,6 +8,7 @@ import hashlib
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
@@ -380,3 +381,28 @@ async def test_a_body_that_does_not_end_after_the_reply_costs_at_most_a_moment(k
         finally:
             await made.aclose()
     assert server.connections == 2  # not reused: it was closed
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_a_stream_gzipped_by_a_proxy_is_read(kind: str) -> None:
+    """A proxy in front of the model server may compress the stream (httpx asks for gzip):
+    each line flushed as it comes, as a streaming proxy does."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        packer = zlib.compressobj(wbits=31)  # gzip framing
+        writer.write(HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for line in [*DONE_LINES[kind][:-1], *DONE_LINES[kind]]:
+            writer.write(chunk(packer.compress(line) + packer.flush(zlib.Z_SYNC_FLUSH)))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(chunk(packer.flush()) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with Server(handler).running() as url:
+        made = backend(kind, url, Timeouts(connect=1, first_chunk=5, idle=5))
+        try:
+            chunks = [c async for c in made.chat("m", [Message("user", "hi")])]
+        finally:
+            await made.aclose()
+    assert [c for c in chunks if isinstance(c, Content)] == [Content("hi"), Content("hi")]

@@ -83,11 +83,11 @@ async def timed_lines(
 ) -> AsyncGenerator[str, None]:
     """Non-empty lines of a streamed body; a long wait for the first, a shorter one after.
 
-    Split from the raw bytes (at \\n, \\r\\n or \\r, decoded as UTF-8) rather than through httpx's
-    byte, text and line decoders, and timed by one `StallTimer` per stream.
+    Split from the body's bytes (at \\n, \\r\\n or \\r, decoded as UTF-8) rather than through
+    httpx's text and line decoders, and timed by one `StallTimer` per stream.
     """
     timer = StallTimer(timeouts.first_chunk, timeouts.idle)
-    raw = response.aiter_raw()
+    raw = response.aiter_bytes()  # not aiter_raw: a proxy may gzip the stream (Content-Encoding)
     pending = b""
     try:
         while True:
