@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -250,26 +253,52 @@ async def test_leaving_early_closes_the_socket() -> None:
         await asyncio.wait_for(server.closed_by_client.wait(), 2)
 
 
-async def test_tls_round_trip() -> None:
-    trustme = pytest.importorskip("trustme")  # not installed here: skipped, see the report
-    ca = trustme.CA()
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, made by the openssl command line tool."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_round_trip_and_an_untrusted_certificate_is_refused(
+    self_signed: tuple[Path, Path],
+) -> None:
+    cert, key = self_signed
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(CHUNKED + chunk(b'{"n": 0}\n') + b"0\r\n\r\n")
-        await writer.drain()
+        while True:
+            await read_request(reader)
+            writer.write(CHUNKED + chunk(b'{"n": 0}\n') + b"0\r\n\r\n")
+            await writer.drain()
 
-    async with (
-        Server(answer).running(server_context) as url,
-        httpx.AsyncClient(transport=AsyncioTransport(verify=client_context)) as http,
-    ):
-        response = await http.get(url)
-        assert response.text == '{"n": 0}\n'
-        assert response.extensions["network_stream"].get_extra_info("ssl_object") is not None
+    server = Server(answer)
+    async with server.running(server_context) as url:
+        async with httpx.AsyncClient(transport=AsyncioTransport(verify=trusting)) as http:
+            for _ in range(2):
+                response = await http.get(url)
+                assert response.text == '{"n": 0}\n'
+                stream = response.extensions["network_stream"]
+                assert stream.get_extra_info("ssl_object") is not None
+        assert server.connections == 1  # the TLS connection was reused
+        # the default trust store (certifi) does not know this certificate: refused
+        async with httpx.AsyncClient(transport=AsyncioTransport()) as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.get(url)
 
 
 # --- the line reader's timer (bot/backends/ollama.py StallTimer), through both backends -------
