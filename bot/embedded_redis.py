@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,17 +73,42 @@ class EmbeddedRedis:
         fixed = bool(self.port)  # a restart comes back on the same port
         for _ in range(3):
             self.port = self.port if fixed else free_port()
+            self._spawn()
             try:
-                return self._start(timeout)
+                deadline = time.monotonic() + timeout
+                while not self._started():
+                    if time.monotonic() > deadline:
+                        self._too_slow()
+                    time.sleep(0.02)
+                return self.url
             except PortTaken:
                 self.stop_sync()
                 if fixed:
                     raise
         raise RuntimeError("no free port for redis-server")
 
-    def _start(self, timeout: float) -> str:
-        import time
+    async def start(self) -> str:
+        """`start_sync` for a running loop. The server is spawned from the calling thread, not a
+        worker thread: Linux sends the parent-death signal when the *thread* that started the
+        child ends, and a thread-pool worker ends with its executor (a test's loop, say)."""
+        fixed = bool(self.port)
+        for _ in range(3):
+            self.port = self.port if fixed else free_port()
+            self._spawn()
+            try:
+                deadline = time.monotonic() + 10.0
+                while not await asyncio.to_thread(self._started):
+                    if time.monotonic() > deadline:
+                        self._too_slow()
+                    await asyncio.sleep(0.02)
+                return self.url
+            except PortTaken:
+                await self.stop()
+                if fixed:
+                    raise
+        raise RuntimeError("no free port for redis-server")
 
+    def _spawn(self) -> None:
         args = [
             find_redis_server(),
             "--port",
@@ -112,14 +138,16 @@ class EmbeddedRedis:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                err = self._process.stderr.read().decode() if self._process.stderr else ""
-                raise RuntimeError(f"redis-server exited: {err.strip()[-300:]}")
-            if self._serves_us():
-                return self.url
-            time.sleep(0.02)
+
+    def _started(self) -> bool:
+        """It answers; raises if it exited (or PortTaken if another server answers)."""
+        assert self._process is not None
+        if self._process.poll() is not None:
+            err = self._process.stderr.read().decode() if self._process.stderr else ""
+            raise RuntimeError(f"redis-server exited: {err.strip()[-300:]}")
+        return self._serves_us()
+
+    def _too_slow(self) -> None:
         self.stop_sync()
         raise RuntimeError("redis-server did not start in time")
 
@@ -144,9 +172,6 @@ class EmbeddedRedis:
         if match and int(match[1]) != self._process.pid:
             raise PortTaken(f"port {self.port} is taken by another redis-server")
         return match is not None
-
-    async def start(self) -> str:
-        return await asyncio.to_thread(self.start_sync)
 
     def stop_sync(self) -> None:
         if self._process and self._process.poll() is None:

@@ -281,3 +281,15 @@ def _cluster_ok(nodes: list[EmbeddedRedis]) -> bool:
         except redis.RedisError:
             return False
     return True
+
+
+async def test_discord_reply_chains_span_slots_on_a_cluster(
+    open_parley: Callable[..., Awaitable[Parley]],
+) -> None:
+    from adapters.discord import ReplyChains
+
+    parley = await open_parley()
+    chains = ReplyChains(parley.redis, prefix="parley:", ttl=60)
+    pages = list(range(1000, 1010))  # ten keys: several hash slots, one plain pipeline
+    await chains.remember(999, *pages)
+    assert [await chains.root_of(page) for page in pages] == [999] * len(pages)

@@ -280,3 +280,50 @@ async def test_state_works_with_and_without_decoded_responses(redis_url: str, de
         assert (await state.preferences(KEY)).model == "m"
     finally:
         await client.aclose()
+
+
+def test_an_embedded_redis_outlives_the_loop_that_started_it() -> None:
+    """Linux's parent-death signal follows the *thread* that spawned the server: spawned from a
+    loop's worker thread, it died when that loop shut its executor down."""
+    import redis as sync_redis
+
+    server = EmbeddedRedis(None, persist=False)
+    asyncio.run(server.start())  # asyncio.run ends by shutting down the default executor
+    try:
+        time.sleep(0.3)
+        with sync_redis.Redis(port=server.port) as client:
+            assert client.ping()
+    finally:
+        server.stop_sync()
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="the parent-death signal is Linux's")
+def test_an_embedded_redis_dies_with_the_process_that_started_it() -> None:
+    """No orphaned redis-server when Parley is killed without stopping it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, os\n"
+        "from bot.embedded_redis import EmbeddedRedis\n"
+        "server = EmbeddedRedis(None, persist=False)\n"
+        "asyncio.run(server.start())\n"
+        "print(server._process.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the redis-server outlived its parent"
+        time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (or a zombie waiting for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] in ("Z", "X")
+    except FileNotFoundError:
+        return True
