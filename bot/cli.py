@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from bot.app import Parley, connect_redis
 from bot.embedded_redis import EmbeddedRedis
@@ -105,6 +106,8 @@ async def check(settings: Settings) -> int:
         client = connect_redis(url)
         try:
             await client.ping()
+            if isinstance(client, RedisCluster):
+                where += f", a cluster of {len(client.get_primaries())} primaries"
             print(f"ok    redis ({where})")
         finally:
             await client.aclose()
@@ -132,9 +135,8 @@ async def check(settings: Settings) -> int:
 def _redacted(url: str) -> str:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
+    parts = urlsplit(url)  # every host (Sentinel and Cluster URLs list several), no password
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _router(settings: Settings) -> Router:

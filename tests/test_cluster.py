@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -228,15 +227,27 @@ async def test_model_preference_and_reset_work_on_a_cluster(
     assert await parley.state.history(asked.key) == []
 
 
-async def test_parley_check_reports_a_cluster(cluster_url: str, tmp_path: Path) -> None:
-    from bot.app import connect_redis
+async def test_parley_check_reports_a_cluster_without_its_password(
+    cluster_nodes: list[EmbeddedRedis],
+    server: FakeModelServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bot.cli import check
 
-    client = connect_redis(cluster_url)
+    nodes = ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes[:2])
+    url = f"redis+cluster://:hunter2@{nodes}"
+    for node in cluster_nodes:  # this test's own password
+        with redis.Redis(port=node.port) as client:
+            client.config_set("requirepass", "hunter2")
     try:
-        assert await client.ping()
-        assert len(client.get_nodes()) == 3  # type: ignore[union-attr]
+        assert await check(make_settings(url, server)) == 0
     finally:
-        await client.aclose()
+        for node in cluster_nodes:
+            with redis.Redis(port=node.port, password="hunter2") as client:
+                client.config_set("requirepass", "")
+    out = capsys.readouterr().out
+    assert f"ok    redis (redis+cluster://{nodes}, a cluster of 3 primaries)" in out
+    assert "hunter2" not in out
 
 
 async def test_a_cluster_node_restart_is_survived_without_restarting_parley(
