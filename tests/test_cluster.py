@@ -8,6 +8,7 @@ slot says, and a script touching keys of two slots would fail here with CROSSSLO
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
@@ -227,6 +228,37 @@ async def test_model_preference_and_reset_work_on_a_cluster(
     assert await parley.state.history(asked.key) == []
 
 
+@contextlib.contextmanager
+def cluster_password(nodes: list[EmbeddedRedis], password: str) -> Iterator[None]:
+    """Every node asks for `password` for the duration (this test's own)."""
+    for node in nodes:
+        with redis.Redis(port=node.port) as client:
+            client.config_set("requirepass", password)
+    try:
+        yield
+    finally:
+        for node in nodes:
+            with redis.Redis(port=node.port, password=password) as client:
+                client.config_set("requirepass", "")
+
+
+async def test_a_password_protected_cluster_answers_and_limits(
+    cluster_url: str, cluster_nodes: list[EmbeddedRedis], server: FakeModelServer
+) -> None:
+    """`cluster_url`: the nodes flushed; the URL used here carries a password."""
+    url = f"redis+cluster://:s%40cret@127.0.0.1:{cluster_nodes[0].port}"  # "s@cret", quoted
+    with cluster_password(cluster_nodes, "s@cret"):
+        parley = await Parley.open(make_settings(url, server, rate_limit="1/minute"))
+        try:
+            first = RecordingSink(min_edit_interval=0.05)
+            assert await parley.conversation.handle(turn("hi"), first) is Outcome.COMPLETE
+            second = RecordingSink(min_edit_interval=0.05)
+            assert await parley.conversation.handle(turn("again"), second) is Outcome.REFUSED
+            assert second.notices[-1].startswith("You're sending requests too fast.")
+        finally:
+            await parley.aclose()
+
+
 async def test_parley_check_reports_a_cluster_without_its_password(
     cluster_nodes: list[EmbeddedRedis],
     server: FakeModelServer,
@@ -236,15 +268,8 @@ async def test_parley_check_reports_a_cluster_without_its_password(
 
     nodes = ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes[:2])
     url = f"redis+cluster://:hunter2@{nodes}"
-    for node in cluster_nodes:  # this test's own password
-        with redis.Redis(port=node.port) as client:
-            client.config_set("requirepass", "hunter2")
-    try:
+    with cluster_password(cluster_nodes, "hunter2"):
         assert await check(make_settings(url, server)) == 0
-    finally:
-        for node in cluster_nodes:
-            with redis.Redis(port=node.port, password="hunter2") as client:
-                client.config_set("requirepass", "")
     out = capsys.readouterr().out
     assert f"ok    redis (redis+cluster://{nodes}, a cluster of 3 primaries)" in out
     assert "hunter2" not in out
