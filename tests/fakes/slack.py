@@ -420,42 +420,22 @@ class FakeSlack:
         channel: str = "C0GENERAL",
     ) -> dict[str, Any]:
         """A `block_actions` payload: someone picked `value` in an ephemeral static_select."""
-        return {
-            "type": "block_actions",
-            "user": {
-                "id": user,
-                "username": user.lower(),
-                "name": user.lower(),
-                "team_id": TEAM_ID,
-            },
-            "api_app_id": APP_ID,
-            "token": "legacy-verification-token",
-            "container": {
-                "type": "message",
-                "message_ts": self._next_ts(),
-                "channel_id": channel,
-                "is_ephemeral": True,
-            },
-            "trigger_id": f"{uuid.uuid4().int % 10**10}.{uuid.uuid4().hex[:8]}",
-            "team": {"id": TEAM_ID, "domain": "parley-test"},
-            "enterprise": None,
-            "is_enterprise_install": False,
-            "channel": {"id": channel, "name": "general"},
-            "state": {"values": {}},
-            "response_url": self.response_url(),
-            "actions": [
-                {
-                    "type": "static_select",
-                    "action_id": action_id,
-                    "block_id": block_id,
-                    "selected_option": {
-                        "text": {"type": "plain_text", "text": value, "emoji": True},
-                        "value": value,
-                    },
-                    "action_ts": f"{time.time():.6f}",
-                }
-            ],
+        container = {
+            "type": "message",
+            "message_ts": self._next_ts(),
+            "channel_id": channel,
+            "is_ephemeral": True,
         }
+        action = {
+            "type": "static_select",
+            "action_id": action_id,
+            "block_id": block_id,
+            "selected_option": {
+                "text": {"type": "plain_text", "text": value, "emoji": True},
+                "value": value,
+            },
+        }
+        return self._block_actions(user, channel, container, action)
 
     def button_payload(
         self, channel: str, ts: str, action_id: str, *, user: str = "U0ALICE"
@@ -475,6 +455,24 @@ class FakeSlack:
         }
         if message.thread_ts:
             shown["thread_ts"] = container["thread_ts"] = message.thread_ts
+        action = {
+            "type": "button",
+            "action_id": action_id,
+            "block_id": block_id or uuid.uuid4().hex[:5],
+            "text": button.get("text"),
+            "value": button.get("value", ""),
+        }
+        return self._block_actions(user, channel, container, action, message=shown)
+
+    def _block_actions(
+        self,
+        user: str,
+        channel: str,
+        container: dict[str, Any],
+        action: dict[str, Any],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The `block_actions` envelope Slack wraps around one action (`extra`: `message`)."""
         return {
             "type": "block_actions",
             "user": {
@@ -491,19 +489,10 @@ class FakeSlack:
             "enterprise": None,
             "is_enterprise_install": False,
             "channel": {"id": channel, "name": "general"},
-            "message": shown,
+            **extra,
             "state": {"values": {}},
             "response_url": self.response_url(),
-            "actions": [
-                {
-                    "type": "button",
-                    "action_id": action_id,
-                    "block_id": block_id or uuid.uuid4().hex[:5],
-                    "text": button.get("text"),
-                    "value": button.get("value", ""),
-                    "action_ts": f"{time.time():.6f}",
-                }
-            ],
+            "actions": [action | {"action_ts": f"{time.time():.6f}"}],
         }
 
     # --- delivery: Socket Mode -----------------------------------------------------------
