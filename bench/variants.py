@@ -26,17 +26,18 @@ import aiohttp
 import httpx
 
 from bot.backends.base import (
+    POOL_LIMITS,
     Chunk,
-    Content,
     Done,
     Message,
-    Thinking,
     Timeouts,
     error_text,
+    make_client,
+    open_stream,
     status_error,
     transport_error,
 )
-from bot.backends.ollama import OllamaBackend
+from bot.backends.ollama import OllamaBackend, chunks_of, request_body
 from bot.errors import BackendStreamError, BackendTimeout, BackendUnreachable
 from bot.settings import BackendConfig
 
@@ -77,49 +78,9 @@ class IdleWatchdog:
         self.handle.cancel()
 
 
-def chunks_of(data: dict[str, Any], name: str) -> list[Chunk]:
-    """The typed chunks of one parsed NDJSON line (same rules as the core's backend)."""
-    if "error" in data:
-        raise BackendStreamError(name, str(data["error"]))
-    out: list[Chunk] = []
-    message = data.get("message") or {}
-    if thinking := message.get("thinking"):
-        out.append(Thinking(thinking))
-    if content := message.get("content"):
-        out.append(Content(content))
-    if data.get("done"):
-        out.append(
-            Done(
-                reason=str(data.get("done_reason", "stop")),
-                prompt_tokens=int(data.get("prompt_eval_count", 0)),
-                completion_tokens=int(data.get("eval_count", 0)),
-                eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
-            )
-        )
-    return out
-
-
-def body_of(model: str, messages: list[Message]) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in messages],
-        "stream": True,
-    }
-
-
 def anyio_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
     """`make_client` as it was: the same headers, timeouts and pool limits, httpx's transport."""
-    headers = {"User-Agent": "parley/0.1"}
-    if config.api_key is not None:
-        headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-    return httpx.AsyncClient(
-        base_url=config.url,
-        headers=headers,
-        timeout=httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
-        ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
-    )
+    return make_client(config, timeouts, transport=httpx.AsyncHTTPTransport(limits=POOL_LIMITS))
 
 
 async def decoded_lines(
@@ -141,25 +102,25 @@ async def decoded_lines(
             yield line
 
 
-class PreviousOllama(OllamaBackend):
-    """`OllamaBackend` as it was before the asyncio transport (code 7e0b6aa)."""
+class CoreAnyioOllama(OllamaBackend):
+    """Today's `OllamaBackend`, unchanged, on httpx's default (anyio) transport."""
 
     def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
+        # not super().__init__: that would make (and leak) a client on the asyncio transport
         self.name = config.name
         self.config = config
         self.timeouts = timeouts or Timeouts()
         self.client = anyio_client(config, self.timeouts)
 
+
+class PreviousOllama(CoreAnyioOllama):
+    """`OllamaBackend` as it was before the asyncio transport (code 7e0b6aa): httpx's transport
+    and decoders, a timeout per line, the connection closed after each reply."""
+
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
-        request = self.client.build_request("POST", "/api/chat", json=body_of(model, messages))
+        request = self.client.build_request("POST", "/api/chat", json=request_body(model, messages))
+        response = await open_stream(self.client, request, self.name, model)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TransportError as e:
-            raise transport_error(self.name, e) from e
-        try:
-            if response.status_code != 200:
-                text = error_text(await response.aread())
-                raise status_error(self.name, model, response.status_code, text, response.headers)
             started = False
             try:
                 async for line in decoded_lines(response, self.name, self.timeouts):
@@ -179,16 +140,6 @@ class PreviousOllama(OllamaBackend):
             raise BackendStreamError(self.name, "the stream ended without finishing")
         finally:
             await response.aclose()
-
-
-class CoreAnyioOllama(OllamaBackend):
-    """Today's `OllamaBackend`, unchanged, on httpx's default (anyio) transport."""
-
-    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
-        self.name = config.name
-        self.config = config
-        self.timeouts = timeouts or Timeouts()
-        self.client = anyio_client(config, self.timeouts)
 
 
 class AiohttpOllama:
@@ -216,7 +167,7 @@ class AiohttpOllama:
 
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
         try:
-            response = await self.session.post("api/chat", json=body_of(model, messages))
+            response = await self.session.post("api/chat", json=request_body(model, messages))
         except (aiohttp.ClientError, OSError) as e:
             raise BackendUnreachable(self.name, type(e).__name__) from e
         watchdog = IdleWatchdog(self.timeouts.first_chunk, self.timeouts.idle)

@@ -73,11 +73,20 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
-def make_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
+# the router's per-backend cap limits generations; the pool must not refuse them first
+POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=50)
+
+
+def make_client(
+    config: BackendConfig,
+    timeouts: Timeouts,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
     """One pooled client per backend; the bearer header only when a key is configured.
 
     Its transport reads sockets through asyncio's protocol callbacks rather than anyio (see
-    bot/backends/transport.py; the same httpx client, connection pool and errors).
+    bot/backends/transport.py; the same httpx client, connection pool and errors). `transport`:
+    another one, e.g. httpx's default, to measure against (bench/variants.py).
     """
     headers = {"User-Agent": "parley/0.1"}
     if config.api_key is not None:
@@ -88,11 +97,26 @@ def make_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
         ),
-        # the router's per-backend cap limits generations; the pool must not refuse them first
-        transport=AsyncioTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=50)
-        ),
+        transport=transport or AsyncioTransport(limits=POOL_LIMITS),
     )
+
+
+async def open_stream(
+    client: httpx.AsyncClient, request: httpx.Request, backend: str, model: str
+) -> httpx.Response:
+    """Send a streaming request: the response to read (and close), or the typed error of an
+    unreachable server or of any answer but 200."""
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TransportError as e:
+        raise transport_error(backend, e) from e
+    if response.status_code != 200:
+        try:
+            text = error_text(await response.aread())
+        finally:
+            await response.aclose()
+        raise status_error(backend, model, response.status_code, text, response.headers)
+    return response
 
 
 def error_text(body: bytes) -> str:

@@ -19,6 +19,7 @@ from bot.backends.base import (
     Timeouts,
     error_text,
     make_client,
+    open_stream,
     status_error,
     transport_error,
 )
@@ -134,6 +135,37 @@ async def rest_of_body(lines: AsyncIterator[str]) -> None:
                 return
 
 
+def request_body(model: str, messages: list[Message]) -> dict[str, Any]:
+    """An /api/chat request that streams."""
+    return {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "stream": True,
+    }
+
+
+def chunks_of(data: dict[str, Any], backend: str) -> list[Chunk]:
+    """The typed chunks of one parsed NDJSON line: thinking, content, then done (the last)."""
+    if "error" in data:
+        raise BackendStreamError(backend, str(data["error"]))
+    chunks: list[Chunk] = []
+    message = data.get("message") or {}
+    if thinking := message.get("thinking"):
+        chunks.append(Thinking(thinking))
+    if content := message.get("content"):
+        chunks.append(Content(content))
+    if data.get("done"):
+        chunks.append(
+            Done(
+                reason=str(data.get("done_reason", "stop")),
+                prompt_tokens=int(data.get("prompt_eval_count", 0)),
+                completion_tokens=int(data.get("eval_count", 0)),
+                eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
+            )
+        )
+    return chunks
+
+
 class OllamaBackend:
     def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
         self.name = config.name
@@ -142,20 +174,9 @@ class OllamaBackend:
         self.client = make_client(config, self.timeouts)
 
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
-        body = {
-            "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
-            "stream": True,
-        }
-        request = self.client.build_request("POST", "/api/chat", json=body)
+        request = self.client.build_request("POST", "/api/chat", json=request_body(model, messages))
+        response = await open_stream(self.client, request, self.name, model)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TransportError as e:
-            raise transport_error(self.name, e) from e
-        try:
-            if response.status_code != 200:
-                text = error_text(await response.aread())
-                raise status_error(self.name, model, response.status_code, text, response.headers)
             started = False
             lines = timed_lines(response, self.name, self.timeouts)
             try:
@@ -165,24 +186,12 @@ class OllamaBackend:
                             data: dict[str, Any] = json.loads(line)
                         except ValueError:
                             raise BackendStreamError(self.name, "malformed output") from None
-                        if "error" in data:
-                            raise BackendStreamError(self.name, str(data["error"]))
-                        message = data.get("message") or {}
-                        if thinking := message.get("thinking"):
+                        for chunk in chunks_of(data, self.name):
                             started = True
-                            yield Thinking(thinking)
-                        if content := message.get("content"):
-                            started = True
-                            yield Content(content)
-                        if data.get("done"):
-                            yield Done(
-                                reason=str(data.get("done_reason", "stop")),
-                                prompt_tokens=int(data.get("prompt_eval_count", 0)),
-                                completion_tokens=int(data.get("eval_count", 0)),
-                                eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
-                            )
-                            await rest_of_body(lines)
-                            return
+                            yield chunk
+                            if isinstance(chunk, Done):
+                                await rest_of_body(lines)
+                                return
             except httpx.TransportError as e:
                 if started:
                     raise BackendStreamError(self.name, "the connection broke") from e

@@ -18,6 +18,7 @@ from bot.backends.base import (
     Timeouts,
     error_text,
     make_client,
+    open_stream,
     status_error,
     transport_error,
 )
@@ -43,14 +44,8 @@ class OpenAIBackend:
             "stream_options": {"include_usage": True},
         }
         request = self.client.build_request("POST", f"{self.prefix}/chat/completions", json=body)
+        response = await open_stream(self.client, request, self.name, model)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TransportError as e:
-            raise transport_error(self.name, e) from e
-        try:
-            if response.status_code != 200:
-                text = error_text(await response.aread())
-                raise status_error(self.name, model, response.status_code, text, response.headers)
             started = False
             reason: str | None = None
             usage: dict[str, Any] = {}
