@@ -21,7 +21,7 @@ from bot.embedded_redis import EmbeddedRedis
 from bot.metrics import Metrics
 from bot.ratelimit import Limiter
 from bot.router import Router
-from bot.settings import Settings
+from bot.settings import Settings, redis_nodes
 from bot.state import RedisClient, State
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,6 @@ def _driver_info() -> DriverInfo:
 
 
 DRIVER_INFO = _driver_info()
-
-
-def _nodes(url: str, default_port: int) -> list[tuple[str, int]]:
-    """The host:port list of a `scheme://[user:password@]host:port[,host:port…]/…` URL."""
-    hosts = urlsplit(url).netloc.rpartition("@")[2]
-    nodes = []
-    for node in hosts.split(","):
-        host, _, port = node.rpartition(":")
-        nodes.append((host or node, int(port or default_port)))
-    return nodes
 
 
 def is_cluster(url: str) -> bool:
@@ -79,14 +69,14 @@ def connect_redis(url: str, *, max_connections: int = 200) -> RedisClient:
     if is_cluster(url):
         del options["health_check_interval"], options["retry_on_timeout"]  # not cluster options
         return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in _nodes(url, 6379)],
+            startup_nodes=[ClusterNode(host, port) for host, port in redis_nodes(url, 6379)],
             ssl=parts.scheme.startswith("rediss"),
             max_connections=max_connections,  # per node
             **auth,
             **options,
         )
     if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
-        nodes = _nodes(url, 26379)
+        nodes = redis_nodes(url, 26379)
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ValueError("a sentinel URL names the service: redis+sentinel://host:port/name")
@@ -111,7 +101,7 @@ def rate_storage(url: str, prefix: str, max_connections: int) -> RedisStorage | 
         return None
     parts = urlsplit(url)
     scheme = "async+redis+cluster"
-    netloc = ",".join(f"{host}:{port}" for host, port in _nodes(url, 6379))
+    netloc = ",".join(f"{host}:{port}" for host, port in redis_nodes(url, 6379))
     options: dict[str, Any] = {
         "max_connections": max_connections,
         "socket_connect_timeout": 5,

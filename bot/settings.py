@@ -93,6 +93,20 @@ def parse_rate(value: str) -> RateLimit:
     return RateLimit(count=count, seconds=seconds, text=f"{count}/{multiple} {unit}")
 
 
+def redis_nodes(url: str, default_port: int) -> list[tuple[str, int]]:
+    """The host:port list of a `scheme://[user:password@]host:port[,host:port…]/…` URL (Sentinel
+    and Cluster URLs name several); ValueError, without the password, for a malformed one."""
+    nodes = []
+    for node in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        host, colon, port = node.rpartition(":")
+        if not colon:
+            host, port = node, ""
+        if not host or (colon and not port.isdigit()):
+            raise ValueError(f"needs host:port[,host:port…] (got {node!r})")
+        nodes.append((host, int(port or default_port)))
+    return nodes
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PARLEY_",
@@ -225,10 +239,10 @@ class Settings(BaseSettings):
                 "or redis+cluster://"
             )
         if scheme.endswith(("+cluster", "+sentinel")):
-            for node in parts.netloc.rpartition("@")[2].split(","):
-                host, colon, port = node.rpartition(":")
-                if not (host if colon else node) or (colon and not port.isdigit()):
-                    raise ValueError(f"{scheme}:// needs host:port[,host:port…] (got {node!r})")
+            try:
+                redis_nodes(value.get_secret_value(), 0)
+            except ValueError as e:
+                raise ValueError(f"{scheme}:// {e}") from None
             if scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
                 raise ValueError("Redis Cluster has only database 0")
         return value
