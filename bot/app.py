@@ -43,6 +43,15 @@ def _driver_info() -> DriverInfo:
 DRIVER_INFO = _driver_info()
 
 
+def _credentials(url: str) -> dict[str, Any]:
+    """The URL's username and password (URL-quoted there), as redis-py's keyword arguments."""
+    parts = urlsplit(url)
+    found: dict[str, Any] = {"password": unquote(parts.password)} if parts.password else {}
+    if parts.username:
+        found["username"] = unquote(parts.username)
+    return found
+
+
 def is_cluster(url: str) -> bool:
     return urlsplit(url).scheme in ("redis+cluster", "rediss+cluster")
 
@@ -63,9 +72,7 @@ def connect_redis(url: str, *, max_connections: int = 200) -> RedisClient:
         "driver_info": DRIVER_INFO,
     }
     parts = urlsplit(url)
-    auth: dict[str, Any] = {"password": unquote(parts.password)} if parts.password else {}
-    if parts.username:
-        auth["username"] = unquote(parts.username)
+    auth = _credentials(url)
     if is_cluster(url):
         del options["health_check_interval"], options["retry_on_timeout"]  # not cluster options
         return RedisCluster(
@@ -106,13 +113,10 @@ def rate_storage(url: str, prefix: str, max_connections: int) -> RedisStorage | 
         "max_connections": max_connections,
         "socket_connect_timeout": 5,
         "driver_info": DRIVER_INFO,
+        **_credentials(url),
     }
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
-    if parts.password:
-        options["password"] = unquote(parts.password)
-    if parts.username:
-        options["username"] = unquote(parts.username)
     return RedisClusterStorage(
         f"{scheme}://{netloc}",
         implementation="redispy",
