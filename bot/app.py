@@ -15,7 +15,6 @@ from limits.aio.storage import RedisClusterStorage, RedisStorage
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.driver_info import DriverInfo
 
-from bot.backends.base import Timeouts
 from bot.conversation import Conversation
 from bot.embedded_redis import EmbeddedRedis
 from bot.metrics import Metrics
@@ -166,17 +165,7 @@ class Parley:
             prefix=settings.redis_prefix,
             storage=rate_storage(url, settings.redis_prefix, settings.redis_max_connections),
         )
-        timeouts = Timeouts(
-            connect=settings.connect_timeout,
-            first_chunk=settings.first_token_timeout,
-            idle=settings.idle_timeout,
-        )
-        router = Router.from_configs(
-            settings.backend_configs(),
-            timeouts,
-            concurrency=settings.backend_concurrency,
-            ttl=settings.catalog_ttl,
-        )
+        router = Router.from_settings(settings)
         metrics = Metrics()
         conversation = Conversation(
             settings=settings, state=state, limiter=limiter, router=router, metrics=metrics

@@ -13,7 +13,7 @@ from bot.backends.base import Backend, Chunk, Message, Timeouts
 from bot.backends.ollama import OllamaBackend
 from bot.backends.openai import OpenAIBackend
 from bot.errors import BackendError, BackendTimeout, BackendUnreachable
-from bot.settings import BackendConfig
+from bot.settings import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,18 @@ class Router:
         self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
 
     @classmethod
-    def from_configs(
-        cls, configs: list[BackendConfig], timeouts: Timeouts, *, concurrency: int, ttl: float
-    ) -> Router:
+    def from_settings(cls, settings: Settings, *, ttl: float | None = None) -> Router:
+        """Every configured backend, with the configured timeouts, cap and catalog cache
+        (`ttl`: another cache lifetime, 0 for a one-off command)."""
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            first_chunk=settings.first_token_timeout,
+            idle=settings.idle_timeout,
+        )
         return cls(
-            [build_backend(c, timeouts) for c in configs], concurrency=concurrency, catalog_ttl=ttl
+            [build_backend(c, timeouts) for c in settings.backend_configs()],
+            concurrency=settings.backend_concurrency,
+            catalog_ttl=settings.catalog_ttl if ttl is None else ttl,
         )
 
     async def catalog(self, *, refresh: bool = False) -> list[CatalogEntry]:

@@ -264,7 +264,7 @@ async def test_parley_check_reports_a_cluster_without_its_password(
     server: FakeModelServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from bot.cli import check
+    from adapters.cli import check
 
     nodes = ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes[:2])
     url = f"redis+cluster://:hunter2@{nodes}"

@@ -1,4 +1,7 @@
-"""`parley run | chat | models | check`."""
+"""`parley run | chat | models | check`: the composition root, wiring the adapters to the core.
+
+It lives at the edge so that nothing under `bot/` imports `adapters/`.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import logging
 import signal
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
+from adapters import platform_adapters
+from adapters.console import ConsoleAdapter
 from bot.app import Parley, connect_redis
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import BackendError
@@ -24,8 +30,6 @@ log = logging.getLogger("parley")
 
 
 async def chat(settings: Settings, thread: str) -> int:
-    from adapters.console import ConsoleAdapter
-
     parley = await Parley.open(settings)
     try:
         return await ConsoleAdapter(parley, thread=thread).run()
@@ -34,15 +38,11 @@ async def chat(settings: Settings, thread: str) -> int:
 
 
 async def run(settings: Settings) -> int:
-    from adapters import platform_adapters
-
     parley = await Parley.open(settings)
     adapters = platform_adapters(parley)
     if not adapters:
         log.info("no Slack or Discord token: opening the console chat")
         try:
-            from adapters.console import ConsoleAdapter
-
             return await ConsoleAdapter(parley).run()
         finally:
             await parley.aclose()
@@ -133,23 +133,12 @@ async def check(settings: Settings) -> int:
 
 
 def _redacted(url: str) -> str:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)  # every host (Sentinel and Cluster URLs list several), no password
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _router(settings: Settings) -> Router:
-    from bot.backends.base import Timeouts
-
-    timeouts = Timeouts(
-        connect=settings.connect_timeout,
-        first_chunk=settings.first_token_timeout,
-        idle=settings.idle_timeout,
-    )
-    return Router.from_configs(
-        settings.backend_configs(), timeouts, concurrency=settings.backend_concurrency, ttl=0
-    )
+    return Router.from_settings(settings, ttl=0)  # a one-off command: no cached catalog
 
 
 def main(argv: list[str] | None = None) -> None:
