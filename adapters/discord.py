@@ -41,11 +41,9 @@ from adapters.discord_logic import (
 from bot.app import Parley
 from bot.commands import CommandReply, parse_text_command
 from bot.conversation import stop_token
-from bot.errors import StateUnavailable, describe
 from bot.ratelimit import Limiter
-from bot.state import REDIS_DOWN, RedisClient
 from bot.streaming import split_message
-from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
+from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, ReplyChain, Turn
 
 log = logging.getLogger(__name__)
 
@@ -78,32 +76,6 @@ Channel = (
     | discord.StageChannel
     | discord.PartialMessageable
 )
-
-
-class ReplyChains:
-    """Which conversation a channel message belongs to (its reply chain's root), in Redis.
-
-    Recorded for every message of a conversation, so a reply to any of them — even a later page
-    of a long answer — continues that conversation; it expires with the history it points to.
-    """
-
-    def __init__(self, redis: RedisClient, *, prefix: str, ttl: int) -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self.ttl = ttl
-
-    def _name(self, message_id: int) -> str:
-        return f"{self.prefix}discord:root:{message_id}"
-
-    async def root_of(self, message_id: int) -> int | None:
-        value = await self.redis.get(self._name(message_id))
-        return int(value) if value else None
-
-    async def remember(self, root: int, *message_ids: int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for message_id in message_ids:
-                pipe.set(self._name(message_id), str(root), ex=self.ttl)
-            await pipe.execute()
 
 
 def _place(channel: Any, guild_id: int | None) -> Place:
@@ -181,8 +153,6 @@ class DiscordSink:
     limiter: Limiter
     min_edit_interval: float
     reply_to: discord.Message | None  # the question; the first page replies to it
-    chains: ReplyChains | None = None  # set in channels, where reply chains are conversations
-    root: int = 0
     edit_budget: tuple[int, int] = EDIT_BUDGET
     max_chars: int = MAX_CHARS
     stop_token: str | None = None  # set once the turn is known: its pages carry a Stop button
@@ -199,8 +169,6 @@ class DiscordSink:
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
         self._last = sent
-        if self.chains is not None:
-            await self.chains.remember(self.root, sent.id)
         return MessageRef(str(sent.id), str(self.channel.id))
 
     async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
@@ -279,11 +247,6 @@ class DiscordAdapter:
         self.parley = parley
         self.settings = settings
         self.access = Access.from_settings(settings)
-        self.chains = ReplyChains(
-            parley.redis,
-            prefix=settings.redis_prefix,
-            ttl=int(settings.history_ttl_days * 86400),
-        )
         self.guild_ready_timeout = guild_ready_timeout
         self.edit_budget = edit_budget
         self.message_content = True  # False once Discord refused the intent
@@ -489,9 +452,10 @@ class DiscordAdapter:
         place = _place(channel, message.guild.id if message.guild else None)
         if not may_use(self.access, place, user_id=author.id, role_ids=_role_ids(author)):
             return
-        key = await self._addressed(message, place, me.id)
-        if key is None:
+        addressed = self._addressed(message, place, me.id)
+        if addressed is None:
             return
+        key, chain, only_if_active = addressed
         if not _may_reply(channel):
             log.warning("mentioned in channel %s, where Parley may not reply", channel.id)
             return  # a refused request counts towards Discord's invalid-request ban
@@ -519,21 +483,17 @@ class DiscordAdapter:
             reply_to=message,
             edit_budget=self.edit_budget,
         )
-        command = parse_text_command(text)
-        if not place.is_dm and not place.is_thread:
-            if (
-                self.settings.discord_use_threads
-                and command is None
-                and isinstance(channel, discord.TextChannel)
-                and key.thread == str(message.id)  # a new conversation, not a reply chain's
-            ):
-                thread = await self._open_thread(message, text)
-                if thread is not None:
-                    key = conversation_key(_place(thread, place.guild_id))
-                    sink.channel, sink.reply_to = thread, None
-            if sink.channel is channel:
-                sink.chains, sink.root = self.chains, int(key.thread)
-                await self.chains.remember(sink.root, message.id)
+        if (
+            chain is not None
+            and not chain.replies_to
+            and self.settings.discord_use_threads
+            and isinstance(channel, discord.TextChannel)
+            and parse_text_command(text) is None
+        ):  # a new conversation: in a thread of its own
+            thread = await self._open_thread(message, text)
+            if thread is not None:
+                key, chain = conversation_key(_place(thread, place.guild_id)), None
+                sink.channel, sink.reply_to = thread, None
         turn = Turn(
             key=key,
             user_id=str(author.id),
@@ -544,17 +504,22 @@ class DiscordAdapter:
             may_switch_model=may_switch_model(
                 self.access, place, is_admin=_is_admin(author), role_ids=_role_ids(author)
             ),
+            only_if_active=only_if_active,
+            chain=chain,
         )
         sink.stop_token = stop_token(turn)
         await self.parley.conversation.handle(turn, sink)
 
-    async def _addressed(
+    def _addressed(
         self, message: discord.Message, place: Place, me: int
-    ) -> ConversationKey | None:
-        """The conversation this message continues or starts, if it is meant for the bot.
+    ) -> tuple[ConversationKey, ReplyChain | None, bool] | None:
+        """The conversation this message continues or starts, if it may be meant for the bot:
+        its key, its reply chain (in a channel), and whether to answer only if the bot is
+        already part of it.
 
         A mention (of the bot itself: not @everyone, not a role), a reply to one of the bot's
-        messages, any DM, and any message in a thread the bot started or has answered in.
+        messages, any DM, and any message in a thread the bot started; other thread messages
+        only where the bot has answered.
         """
         mentioned = any(user.id == me for user in message.mentions)
         resolved = message.reference.resolved if message.reference else None
@@ -562,33 +527,21 @@ class DiscordAdapter:
             resolved if isinstance(resolved, discord.Message) and resolved.author.id == me else None
         )
         if place.is_dm:
-            return conversation_key(place)
+            return conversation_key(place), None, False
         if place.is_thread:
-            key = conversation_key(place)
             thread = message.channel
-            if (
-                mentioned
-                or replied_to
-                or (isinstance(thread, discord.Thread) and thread.owner_id == me)
-            ):
-                return key
-            return key if await self.parley.conversation.is_active(key) else None
+            owned = isinstance(thread, discord.Thread) and thread.owner_id == me
+            return conversation_key(place), None, not (mentioned or replied_to or owned)
         if not (mentioned or replied_to):
             return None
-        return conversation_key(place, root_id=await self._root(message, replied_to))
-
-    async def _root(self, message: discord.Message, replied_to: discord.Message | None) -> int:
-        """The root of the reply chain: a reply continues the conversation it answers."""
         reference = message.reference
-        if reference is None or reference.message_id is None:
-            return message.id
-        known = await self.chains.root_of(reference.message_id)
-        if known is not None:
-            return known
-        if replied_to is not None:  # older than our record: start at what that message answered
+        replies_to = reference.message_id if reference and reference.message_id else None
+        root = message.id  # a new conversation, unless the core knows the one replied to
+        if replied_to is not None:  # older than the core's record: start at what it answered
             above = replied_to.reference
-            return above.message_id if above and above.message_id else replied_to.id
-        return message.id  # a mention in reply to someone else starts its own conversation
+            root = above.message_id if above and above.message_id else replied_to.id
+        chain = ReplyChain(str(message.id), str(replies_to) if replies_to else "")
+        return conversation_key(place, root_id=root), chain, False
 
     async def _open_thread(self, message: discord.Message, text: str) -> discord.Thread | None:
         try:
@@ -644,13 +597,9 @@ class DiscordAdapter:
             log.warning("could not acknowledge a Stop press (%s); ignoring it", e)
             return
         user = interaction.user
-        try:
-            refusal = await self.parley.conversation.stop(
-                token, user_id=str(user.id), is_admin=interaction.permissions.administrator
-            )
-        except REDIS_DOWN as e:
-            log.error("could not stop a reply: redis unavailable: %s", e)
-            refusal = describe(StateUnavailable())
+        refusal = await self.parley.conversation.stop(
+            token, user_id=str(user.id), is_admin=interaction.permissions.administrator
+        )
         if refusal is None:
             log.info("reply %s stopped by %s", token, user.id)
             return
@@ -755,11 +704,7 @@ class DiscordAdapter:
             done, _ = await asyncio.wait({work}, timeout=DEFER_AFTER)
             if not done:
                 await interaction.response.defer(ephemeral=True, thinking=True)
-            try:
-                text = (await work).text
-            except Exception as e:
-                log.exception("slash command failed")
-                text = describe(e)
+            text = (await work).text  # the core words its own failures
         first, *rest = split_message(text, MAX_CHARS)
         if interaction.response.is_done():
             await interaction.followup.send(first, ephemeral=True, allowed_mentions=NO_PINGS)

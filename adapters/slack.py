@@ -30,7 +30,6 @@ from adapters.slack_text import classify, mentioned_user_ids, neutralise, settle
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
 from bot.conversation import CommandReply, stop_token
-from bot.errors import describe
 from bot.streaming import (
     CURSOR,
     PLACEHOLDER,
@@ -432,9 +431,7 @@ class SlackAdapter:
         # a mention is answered in its thread; a DM in place ("" is the DM's main conversation)
         thread = thread_ts if trigger == "dm" else thread_ts or ts
         key = ConversationKey(PLATFORM, team_id, channel, thread)
-        if trigger == "thread" and not (
-            self.settings.slack_thread_followups and await self.conversation.is_active(key)
-        ):
+        if trigger == "thread" and not self.settings.slack_thread_followups:
             return
         task = asyncio.current_task()
         if task is not None:
@@ -452,6 +449,7 @@ class SlackAdapter:
                 text=to_model_text(raw, bot_user_id=bot_user_id, names=names),
                 event_id=f"{channel}:{ts}",  # one message = one answer, whichever event brings it
                 is_admin=is_admin,
+                only_if_active=trigger == "thread",  # a follow-up: only in Parley's threads
             )
             sink = SlackSink(
                 self,
@@ -482,20 +480,13 @@ class SlackAdapter:
             PLATFORM, context.team_id or str(command.get("team_id")), str(command["channel_id"]), ""
         )
         turn = Turn(key=key, user_id=str(command["user_id"]), user_name="", text="", event_id="")
-        work = asyncio.ensure_future(self._command(turn, name, args))
+        work = asyncio.ensure_future(self.conversation.command(turn, name, args))
         done, _ = await asyncio.wait({work}, timeout=COMMAND_ACK_SECONDS)
         if done:
             await ack(self._command_message(work.result(), name))
             return
         await ack(response_type="ephemeral", text="One moment…")
         await respond(self._command_message(await work, name) | {"replace_original": True})
-
-    async def _command(self, turn: Turn, name: str, args: str) -> CommandReply:
-        try:
-            return await self.conversation.command(turn, name, args)
-        except Exception as e:
-            log.exception("/%s failed", name)
-            return CommandReply(describe(e))
 
     async def _on_model_selected(
         self,
@@ -512,7 +503,7 @@ class SlackAdapter:
         choice = str(action["selected_option"]["value"])
         key = ConversationKey(PLATFORM, team_id, str(channel), "")
         turn = Turn(key=key, user_id=user_id, user_name="", text="", event_id="")
-        reply = await self._command(turn, "model", choice)
+        reply = await self.conversation.command(turn, "model", choice)
         await respond(self._command_message(reply, "model") | {"replace_original": True})
 
     async def _on_stop(
@@ -523,13 +514,9 @@ class SlackAdapter:
         await ack()
         user_id = str((body.get("user") or {}).get("id") or "")
         _, is_admin = await self.names.lookup(user_id)  # cached; admins may stop any reply
-        try:
-            refusal = await self.conversation.stop(
-                str(action.get("value") or ""), user_id=user_id, is_admin=is_admin
-            )
-        except Exception as e:
-            log.exception("stopping a reply failed")
-            refusal = describe(e)
+        refusal = await self.conversation.stop(
+            str(action.get("value") or ""), user_id=user_id, is_admin=is_admin
+        )
         if refusal is None:
             return
         container: dict[str, Any] = body.get("container") or {}

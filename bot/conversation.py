@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from enum import StrEnum
 
 from bot.backends.base import Message
@@ -26,12 +27,12 @@ from bot.errors import (
 from bot.logs import turn_id
 from bot.metrics import Metrics
 from bot.prompt import build_messages
-from bot.ratelimit import InFlightSlot, Limiter
+from bot.ratelimit import Limiter
 from bot.router import Router
 from bot.settings import Settings
-from bot.state import REDIS_DOWN, HistoryEntry, State, TurnStart, turn_token
+from bot.state import REDIS_DOWN, HistoryEntry, InFlightSlot, State, TurnStart, turn_token
 from bot.streaming import Renderer, RenderResult, Status, wait_first
-from bot.turn import ConversationKey, ReplySink, Turn
+from bot.turn import MessageRef, ReplySink, Turn
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
     COMMAND = "command"
     REFUSED = "refused"
+    IGNORED = "ignored"  # not for Parley (thread chatter in a conversation it is not part of)
 
 
 def stop_token(turn: Turn) -> str:
@@ -78,12 +80,19 @@ class Conversation:
     # --- adapters' entry points ---
 
     async def handle(self, turn: Turn, sink: ReplySink) -> Outcome:
-        """Answer one message: commands, limits, history, model, stream, save."""
+        """Answer one message: commands, limits, history, model, stream, save.
+
+        Never raises: whatever goes wrong, the person is told (or, for a message that may not
+        be meant for Parley, nothing is said) and everything the turn held is let go.
+        """
         turn_id.set(turn.event_id[-12:])
         if not self.accepting:
             await _best_effort(sink.notify(SHUTTING_DOWN))
             return Outcome.REFUSED
         try:
+            if turn.only_if_active and not await self._is_active(turn):
+                return Outcome.IGNORED
+            turn = await self._in_its_conversation(turn)
             command = parse_text_command(turn.text)
             too_long = len(turn.text) > self.settings.max_input_chars
             if command is not None or too_long or not turn.text.strip():
@@ -105,34 +114,48 @@ class Conversation:
         except REDIS_DOWN as e:
             # Without Redis there is no de-duplication, history or limit: answering anyway
             # could answer twice across replicas, so say so and keep nothing half-done.
-            log.error("redis unavailable: %s", e)
+            log.error("redis unavailable: %s", _reason(e))
             await _best_effort(sink.post(describe(StateUnavailable())))
+            self.metrics.replies.labels(turn.key.platform, "error").inc()
+            return Outcome.ERROR
+        except Exception as e:
+            log.exception("turn failed unexpectedly")
+            await _best_effort(sink.post(describe(e)))
             self.metrics.replies.labels(turn.key.platform, "error").inc()
             return Outcome.ERROR
 
     async def command(self, turn: Turn, name: str, args: str) -> CommandReply:
-        return await self.commands.run(name, args, turn.key, may_switch=turn.may_switch_model)
+        """Run `model`, `reset` or `help`; never raises (a failure is the reply's words)."""
+        try:
+            return await self.commands.run(name, args, turn.key, may_switch=turn.may_switch_model)
+        except REDIS_DOWN as e:
+            log.error("redis unavailable: %s", _reason(e))
+            return CommandReply(describe(StateUnavailable()))
+        except Exception as e:
+            log.exception("the %s command failed", name)
+            return CommandReply(describe(e))
 
     async def model_names(self) -> list[str]:
         return await self.router.model_names()
-
-    async def is_active(self, key: ConversationKey) -> bool:
-        return await self.state.is_active(key)
 
     async def stop(self, token: str, *, user_id: str, is_admin: bool = False) -> str | None:
         """A Stop button was pressed. None if stopping; else why not, in words for the presser.
 
         The reply may be generating on another replica: the request goes through Redis.
         """
-        owner = await self.state.turn_owner(token)
-        if owner is None:
-            return "That reply has already finished."
-        if owner != user_id and not is_admin:
-            return "Only the person who asked (or an admin) can stop this reply."
-        if (local := self._active.get(token)) is not None:
-            local.set()
-        else:
-            await self.state.publish_stop(token)
+        try:
+            owner = await self.state.turn_owner(token)
+            if owner is None:
+                return "That reply has already finished."
+            if owner != user_id and not is_admin:
+                return "Only the person who asked (or an admin) can stop this reply."
+            if (local := self._active.get(token)) is not None:
+                local.set()
+            else:
+                await self.state.publish_stop(token)
+        except REDIS_DOWN as e:
+            log.error("could not stop a reply: redis unavailable: %s", _reason(e))
+            return describe(StateUnavailable())
         return None
 
     async def listen_for_stops(self) -> None:
@@ -154,42 +177,54 @@ class Conversation:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), margin + 5.0)
 
+    # --- which conversation ---
+
+    async def _is_active(self, turn: Turn) -> bool:
+        """Whether the bot is part of the conversation a maybe-unaddressed message is in.
+
+        Without Redis there is no telling: such a message (thread chatter, perhaps not for
+        Parley at all) gets no answer, rather than a storage notice in every thread.
+        """
+        try:
+            return await self.state.is_active(turn.key)
+        except REDIS_DOWN as e:
+            log.error("redis unavailable; a thread message goes unanswered: %s", _reason(e))
+            return False
+
+    async def _in_its_conversation(self, turn: Turn) -> Turn:
+        """A reply continues the conversation of the message it replies to, if that is known."""
+        if turn.chain is None or not turn.chain.replies_to:
+            return turn
+        root = await self.state.chain_root(turn.key, turn.chain.replies_to)
+        if root is None or root == turn.key.thread:
+            return turn
+        return replace(turn, key=replace(turn.key, thread=root))
+
     # --- the answer ---
 
     async def _turn(self, turn: Turn, sink: ReplySink) -> Outcome:
-        """Three Redis round trips in the common case: one pipeline starts the turn (de-dup,
-        thread lock, Stop-button owner, history, preferences); for a fresh event only (a
-        duplicate delivery must cost the user nothing) the rate check and an in-flight slot,
-        side by side; one pipeline finishes it."""
-        platform, user = turn.key.platform, turn.user_id
-        start = TurnStart(
-            key=turn.key,
+        """Three Redis round trips in the common case: one starts the turn (de-dup, thread
+        lock, Stop-button owner, history, preferences); for a fresh event only (a duplicate
+        delivery must cost the user nothing) the rate check and an in-flight slot, side by side;
+        one finishes it. Whatever the first took is given back on every way out."""
+        start = await self.state.begin_turn(
+            turn.key,
             event_id=turn.event_id,
-            owner=user,
-            expire_ms=int(self.settings.turn_timeout * 1000),
+            owner=turn.user_id,
+            expire=self.settings.turn_timeout,
         )
-        async with self.state.redis.pipeline(transaction=False) as pipe:
-            self.state.queue_start(pipe, start)
-            answers = await pipe.execute()
-        self.state.started(start, answers)
-        slot = self.limiter.slot(platform, user)
+        slot: InFlightSlot | None = None
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
-        renderer = Renderer(sink)
+        renderer = Renderer(sink, on_post=self._chain_recorder(turn))
         entries: list[HistoryEntry] = []
         try:
             if not start.fresh:
                 log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
-            checks = await asyncio.gather(
-                self.limiter.check_rate(platform, user),
-                self.limiter.acquire(slot),
-                return_exceptions=True,
-            )
-            for failed in checks:
-                if isinstance(failed, BaseException):
-                    raise failed
+            slot = self.limiter.slot(turn.key.platform, turn.user_id)
+            await self.limiter.admit(turn.key.platform, turn.user_id, slot)
             if not start.locked:  # another message of this thread is being answered
-                await self.state.wait_for_thread(start)
+                start = await self.state.wait_for_thread(start)
             result, model = await self._answer(turn, renderer, start)
             entries = [said] + (
                 [HistoryEntry("assistant", result.text, model=model)] if result.text.strip() else []
@@ -200,25 +235,47 @@ class Conversation:
                 entries = [said, HistoryEntry("assistant", renderer.text)]
             raise
         finally:
-            await asyncio.shield(self._finish(start, slot, entries))
+            await asyncio.shield(self._finish(start, entries, slot, sink))
+
+    def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
+        """Where conversations are reply chains: record each message of the reply as it is
+        posted (before anyone can reply to it), and the question with the first."""
+        if turn.chain is None:
+            return None
+        pending = [turn.chain.message_id]
+
+        async def record(ref: MessageRef) -> None:
+            ids = [*pending, ref.id]
+            try:
+                await self.state.remember_chain(turn.key, ids)
+            except REDIS_DOWN as e:  # a reply to it then starts a conversation of its own
+                log.warning("could not record a reply chain: %s", _reason(e))
+                return
+            pending.clear()
+
+        return record
 
     async def _finish(
-        self, start: TurnStart, slot: InFlightSlot, entries: list[HistoryEntry]
+        self,
+        start: TurnStart,
+        entries: list[HistoryEntry],
+        slot: InFlightSlot | None,
+        sink: ReplySink,
     ) -> None:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
         try:
-            async with self.state.redis.pipeline(transaction=False) as pipe:
-                self.state.queue_finish(pipe, start, entries)
-                if start.fresh:  # only a fresh event asked for a slot
-                    self.limiter.queue_release(pipe, slot)
-                if len(pipe):
-                    await pipe.execute()
+            await self.state.finish_turn(start, entries, slot=slot)
         except REDIS_DOWN as e:
-            log.error("could not save history or free the thread (it lapses by itself): %s", e)
+            log.error("could not save the exchange (what it held lapses by itself): %s", _reason(e))
+            if entries:
+                await _best_effort(sink.notify(describe(StateUnavailable(after_reply=True))))
+        except Exception:
+            log.exception("finishing the turn failed (what it held lapses by itself)")
 
     async def _answer(
         self, turn: Turn, renderer: Renderer, start: TurnStart
     ) -> tuple[RenderResult, str]:
+        """Choose the model, stream its reply; the reply always reaches a final state."""
         started = time.monotonic()
         stop = asyncio.Event()
         self._active[start.token] = stop
@@ -231,21 +288,25 @@ class Conversation:
         try:
             try:
                 model = start.prefs.model or await self._default_model()
+                messages = build_messages(
+                    system=start.prefs.system_prompt or self.settings.system_prompt,
+                    history=list(start.history),
+                    turn=said,
+                    budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
+                )
             except ParleyError as e:
                 await posting
                 result = await self._failed(renderer, e)
             else:
-                messages = build_messages(
-                    system=start.prefs.system_prompt or self.settings.system_prompt,
-                    history=start.history,
-                    turn=said,
-                    budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
-                )
                 result = await self._generate(model, messages, renderer, stop, started, posting)
         except asyncio.CancelledError:
             await asyncio.gather(asyncio.shield(posting), return_exceptions=True)
             await asyncio.shield(renderer.finish(Status.STOPPED))
             raise
+        except Exception as e:  # nothing anticipated it: the reply still gets its final state
+            log.exception("turn failed unexpectedly")
+            await asyncio.gather(posting, return_exceptions=True)
+            result = await renderer.finish(Status.ERROR, describe(e))
         finally:
             self.metrics.in_flight.dec()
             del self._active[start.token]
@@ -295,10 +356,8 @@ class Conversation:
             return await self._failed(renderer, e)
         except (BackendError, ParleyError) as e:
             return await self._failed(renderer, e)
-        except REDIS_DOWN:
-            raise
         except Exception as e:
-            log.exception("turn failed unexpectedly")
+            log.exception("the model stream failed unexpectedly")
             return await self._failed(renderer, e)
         return await renderer.finish(Status.COMPLETE, footer=footer[0] if footer else None)
 
@@ -334,6 +393,11 @@ class Conversation:
             return await self.router.model_names()
         except Exception:
             return []
+
+
+def _reason(error: BaseException) -> str:
+    """One line for the log: the error's type and message, no traceback."""
+    return f"{type(error).__name__}: {error}"
 
 
 async def _best_effort(awaitable: Awaitable[object]) -> None:

@@ -87,7 +87,11 @@ class ThreadBusy(ParleyError):
 
 
 class StateUnavailable(ParleyError):
-    """Redis could not be reached."""
+    """Redis could not be reached (`after_reply`: only when saving a reply already shown)."""
+
+    def __init__(self, *, after_reply: bool = False) -> None:
+        super().__init__("redis unavailable")
+        self.after_reply = after_reply
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -156,6 +160,11 @@ def describe(error: BaseException) -> str:
             return "No model is available: no backend lists any model. Ask an operator."
         case ThreadBusy():
             return "I'm still answering an earlier message here. Try again when it's done."
+        case StateUnavailable() if error.after_reply:
+            return (
+                "Parley's memory store (Redis) is unavailable right now, "
+                "so I won't remember this exchange in the thread."
+            )
         case StateUnavailable():
             return "Parley's memory store (Redis) is unavailable right now. Try again shortly."
         case _:

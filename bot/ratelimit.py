@@ -7,12 +7,11 @@ below, so a crashed replica's entries lapse on their own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
@@ -22,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from bot.errors import UserRateLimited
 from bot.settings import RateLimit
-from bot.state import AnyPipeline, RedisClient
+from bot.state import InFlightSlot, RedisClient
 
 # KEYS[1] busy zset; ARGV: now, expiry, member, max. Returns 0 when admitted, else the
 # milliseconds until the oldest in-flight entry expires.
@@ -36,12 +35,6 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, math.ceil((tonumber(oldest[2]) - tonumber(ARGV[1])) * 1000))
 """
-
-
-@dataclass
-class InFlightSlot:
-    name: str
-    member: str
 
 
 class Limiter:
@@ -80,6 +73,17 @@ class Limiter:
         stats = await self.window.get_window_stats(self.rate, platform, user_id)
         raise UserRateLimited(max(1.0, stats.reset_time - time.time()))
 
+    async def admit(self, platform: str, user_id: str, slot: InFlightSlot) -> None:
+        """Count one request against the person's rate and take one of their in-flight slots,
+        side by side (one round trip); raise UserRateLimited if either refuses. The slot may be
+        taken even then: the turn's finish gives it back either way."""
+        results = await asyncio.gather(
+            self.check_rate(platform, user_id), self.acquire(slot), return_exceptions=True
+        )
+        for failed in results:
+            if isinstance(failed, BaseException):
+                raise failed
+
     async def aclose(self) -> None:
         """Close the client `limits` made for itself (a cluster storage); ours is closed apart."""
         storage = self.window.storage
@@ -96,28 +100,15 @@ class Limiter:
         """A (not yet taken) generation slot of this user's."""
         return InFlightSlot(f"{self.prefix}busy:{{{platform}:{user_id}}}", uuid.uuid4().hex)
 
-    def queue_in_flight(self, pipe: AnyPipeline, slot: InFlightSlot) -> None:
-        """Ask for one of the user's K generation slots as part of a pipeline."""
-        now = time.time()
-        args: list[str | float] = [now, now + self.in_flight_ttl, slot.member, self.max_in_flight]
-        pipe.execute_command("EVAL", ACQUIRE_IN_FLIGHT, 1, slot.name, *args)
-
     async def acquire(self, slot: InFlightSlot) -> None:
         """Take the slot, or raise UserRateLimited when the user's K slots are all taken."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self.queue_in_flight(pipe, slot)
-            (answer,) = await pipe.execute()
-        self.admitted(answer)
-
-    def admitted(self, answer: Any) -> None:
-        """Read the pipeline's answer; raise UserRateLimited when all K slots are taken."""
-        if int(answer):
+        now = time.time()
+        args: list[str | float] = [now, now + self.in_flight_ttl, slot.member, self.max_in_flight]
+        # EVAL: one round trip (a registered script may first ask SCRIPT EXISTS / load it)
+        wait_ms = await self.redis.execute_command("EVAL", ACQUIRE_IN_FLIGHT, 1, slot.name, *args)
+        if int(wait_ms):
             # the oldest generation usually finishes well before its expiry: say so gently
-            raise UserRateLimited(min(int(answer) / 1000, 30.0), in_flight=True)
-
-    def queue_release(self, pipe: AnyPipeline, slot: InFlightSlot) -> None:
-        # whether or not the slot was admitted: ZREM of an absent member does nothing
-        pipe.zrem(slot.name, slot.member)
+            raise UserRateLimited(min(int(wait_ms) / 1000, 30.0), in_flight=True)
 
     @asynccontextmanager
     async def in_flight(self, platform: str, user_id: str) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -138,7 +138,7 @@ class State:
     async def history(self, key: ConversationKey) -> list[HistoryEntry]:
         """The thread's newest messages (at most `history_fetch`: cost stays flat as it grows)."""
         raw = await self.redis.lrange(self.history_key(key), -self.history_fetch, -1)
-        return _entries(raw)
+        return list(_entries(raw))
 
     async def append(self, key: ConversationKey, *entries: HistoryEntry) -> None:
         """Append, trim to the newest N and refresh the TTL, atomically."""
@@ -156,7 +156,8 @@ class State:
             self.history_key(key),
             self.history_max,
             self.history_ttl,
-            *(e.to_json() for e in entries),
+            # bytes: text that UTF-8 cannot encode (a lone surrogate) must not fail the write
+            *(e.to_json().encode("utf-8", "replace") for e in entries),
         )
 
     async def is_active(self, key: ConversationKey) -> bool:
@@ -230,38 +231,44 @@ class State:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     # --- a turn's start and finish: one round trip each ---
-    def queue_start(self, pipe: AnyPipeline, start: TurnStart) -> None:
-        """De-dup, thread lock, Stop-button owner, history and preferences, in one pipeline.
+    async def begin_turn(
+        self, key: ConversationKey, *, event_id: str, owner: str, expire: float
+    ) -> TurnStart:
+        """Begin a turn in one round trip: de-dup, thread lock, Stop-button owner, and the
+        thread's newest history and its channel's preferences.
 
-        Read the answers with `started()`; every step is undone by `queue_finish()`.
+        Whatever it took (`fresh`, `locked`, `claimed`) is given back by `finish_turn`, which
+        must run whatever happens next.
         """
-        key = start.key
-        seen = self._seen_key(key.platform, start.event_id)
-        pipe.set(seen, start.lock_token, nx=True, ex=self.dedup_ttl)
-        pipe.set(self.lock_key(key), start.lock_token, nx=True, px=start.expire_ms)
-        # EVAL, not EVALSHA: redis-py precedes a pipeline holding a registered script with a
-        # SCRIPT EXISTS round trip, and a NOSCRIPT retry would re-run the de-dup SET NX
-        pipe.execute_command(
-            "EVAL",
-            CLAIM_TURN,
-            2,
-            seen,
-            self._turn_key(start.token),
-            start.lock_token,
-            start.owner,
-            start.expire_ms,
+        token = uuid.uuid4().hex
+        expire_ms = max(1, int(expire * 1000))
+        seen = self._seen_key(key.platform, event_id)
+        turn_key = self._turn_key(turn_token(key.platform, event_id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(seen, token, nx=True, ex=self.dedup_ttl)
+            pipe.set(self.lock_key(key), token, nx=True, px=expire_ms)
+            # EVAL, not EVALSHA: redis-py precedes a pipeline holding a registered script with
+            # a SCRIPT EXISTS round trip, and a NOSCRIPT retry would re-run the de-dup SET NX
+            pipe.execute_command("EVAL", CLAIM_TURN, 2, seen, turn_key, token, owner, expire_ms)
+            pipe.lrange(self.history_key(key), -self.history_fetch, -1)
+            pipe.hgetall(self.pref_key(key))
+            fresh, locked, claimed, history, prefs = await pipe.execute()
+        return TurnStart(
+            key=key,
+            event_id=event_id,
+            owner=owner,
+            expire_ms=expire_ms,
+            lock_token=token,
+            fresh=bool(fresh),
+            locked=bool(locked),
+            claimed=bool(claimed),
+            history=_entries(history),
+            prefs=_preferences(prefs),
         )
-        pipe.lrange(self.history_key(key), -self.history_fetch, -1)
-        pipe.hgetall(self.pref_key(key))
-
-    def started(self, start: TurnStart, answers: Sequence[Any]) -> None:
-        fresh, locked, claimed, history, prefs = answers
-        start.fresh, start.locked, start.claimed = bool(fresh), bool(locked), bool(claimed)
-        start.history, start.prefs = _entries(history), _preferences(prefs)
 
     async def wait_for_thread(
         self, start: TurnStart, *, poll: float = 0.05, wait: float | None = None
-    ) -> None:
+    ) -> TurnStart:
         """The thread was busy: wait for its lock, then read the context the turn follows."""
         deadline = time.monotonic() + (start.expire_ms / 1000 if wait is None else wait)
         name = self.lock_key(start.key)
@@ -269,25 +276,55 @@ class State:
             if time.monotonic() > deadline:
                 raise ThreadBusy()  # not TimeoutError: that is an OSError, read as "Redis down"
             await asyncio.sleep(poll)
-        start.locked = True
+        start = replace(start, locked=True)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.history_key(start.key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(start.key))
             history, prefs = await pipe.execute()
-        start.history, start.prefs = _entries(history), _preferences(prefs)
+        return replace(start, history=_entries(history), prefs=_preferences(prefs))
 
-    def queue_finish(
-        self, pipe: AnyPipeline, start: TurnStart, entries: Sequence[HistoryEntry] = ()
+    async def finish_turn(
+        self,
+        start: TurnStart,
+        entries: Sequence[HistoryEntry] = (),
+        *,
+        slot: InFlightSlot | None = None,
     ) -> None:
-        """Save the exchange and let go of the thread and the Stop-button owner."""
-        if entries:
-            self._queue_append(pipe, start.key, entries)
-        if start.locked:
-            pipe.execute_command(
-                "EVAL", RELEASE_LOCK, 1, self.lock_key(start.key), start.lock_token
-            )
-        if start.claimed:
-            pipe.delete(self._turn_key(start.token))
+        """Finish a turn in one round trip: free the thread, the in-flight `slot` and the Stop
+        owner, and save the exchange.
+
+        The releases go first in the pipeline, so a failing write after them cannot keep them;
+        if Redis cannot be reached, the lock, the slot and the owner lapse by themselves.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if start.locked:
+                pipe.execute_command(
+                    "EVAL", RELEASE_LOCK, 1, self.lock_key(start.key), start.lock_token
+                )
+            if slot is not None:  # whether or not it was admitted: ZREM of no member is a no-op
+                pipe.zrem(slot.name, slot.member)
+            if start.claimed:
+                pipe.delete(self._turn_key(start.token))
+            if entries:
+                self._queue_append(pipe, start.key, entries)
+            if len(pipe):
+                await pipe.execute()
+
+    # --- reply chains (where a conversation is a chain of replies: Discord channels) ---
+    def _root_key(self, key: ConversationKey, message_id: str) -> str:
+        return f"{self.prefix}root:{{{key.platform}:{key.space}:{key.channel}:{message_id}}}"
+
+    async def remember_chain(self, key: ConversationKey, message_ids: Sequence[str]) -> None:
+        """These messages belong to `key`'s conversation (for as long as its history lasts)."""
+        async with self.redis.pipeline(transaction=False) as pipe:  # keys of several slots
+            for message_id in message_ids:
+                pipe.set(self._root_key(key, message_id), key.thread, ex=self.history_ttl)
+            await pipe.execute()
+
+    async def chain_root(self, key: ConversationKey, message_id: str) -> str | None:
+        """The conversation (its thread) that `message_id`, in `key`'s channel, belongs to."""
+        root = await self.redis.get(self._root_key(key, message_id))
+        return None if root is None else _text(root)
 
     @asynccontextmanager
     async def thread_lock(
@@ -299,12 +336,13 @@ class State:
         good; a second message waits at most that long (or `wait`) for the first to finish,
         then ThreadBusy.
         """
-        start = TurnStart(key=key, event_id="", owner="", expire_ms=int(expire * 1000))
+        token = uuid.uuid4().hex
+        start = TurnStart(key, "", "", int(expire * 1000), token, False, False, False)
         await self.wait_for_thread(start, wait=wait)
         try:
             yield
         finally:
-            await self._release(keys=[self.lock_key(key)], args=[start.lock_token])
+            await self._release(keys=[self.lock_key(key)], args=[token])
 
 
 def turn_token(platform: str, event_id: str) -> str:
@@ -312,7 +350,7 @@ def turn_token(platform: str, event_id: str) -> str:
     return f"{platform}:{event_id}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TurnStart:
     """What a turn holds in Redis while it runs, and what its first round trip read."""
 
@@ -320,12 +358,12 @@ class TurnStart:
     event_id: str
     owner: str  # who may press Stop
     expire_ms: int  # locks and claims lapse by themselves after this
-    lock_token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    fresh: bool = False
-    locked: bool = False
-    claimed: bool = False
-    history: list[HistoryEntry] = field(default_factory=list)
-    prefs: Preferences = field(default_factory=lambda: Preferences())
+    lock_token: str
+    fresh: bool  # the first sighting of its event
+    locked: bool  # holds the thread's lock
+    claimed: bool  # holds the Stop owner
+    history: tuple[HistoryEntry, ...] = ()
+    prefs: Preferences = Preferences()
 
     @property
     def token(self) -> str:
@@ -333,8 +371,16 @@ class TurnStart:
         return turn_token(self.key.platform, self.event_id)
 
 
-def _entries(raw: Sequence[bytes | str]) -> list[HistoryEntry]:
-    return [e for e in map(HistoryEntry.from_json, map(_text, raw)) if e is not None]
+@dataclass(frozen=True)
+class InFlightSlot:
+    """One of a person's K generation slots (a member of their self-expiring `busy` set)."""
+
+    name: str
+    member: str
+
+
+def _entries(raw: Sequence[bytes | str]) -> tuple[HistoryEntry, ...]:
+    return tuple(e for e in map(HistoryEntry.from_json, map(_text, raw)) if e is not None)
 
 
 def _preferences(raw: dict[Any, Any]) -> Preferences:

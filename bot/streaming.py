@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -170,6 +170,7 @@ class _Page:
 class Renderer:
     sink: ReplySink
     clock: Callable[[], float] = time.monotonic
+    on_post: Callable[[MessageRef], Awaitable[None]] | None = None  # after each message posted
     text: str = ""  # all content so far
     thinking: str = ""
     done: Done | None = None
@@ -357,6 +358,8 @@ class Renderer:
                 log.exception("posting the reply failed")
                 return None
             self.posts += 1
+            if self.on_post is not None:
+                await self.on_post(ref)
             if text not in (PLACEHOLDER, THINKING):  # the first answer text may follow at once
                 self._next_at = self.clock() + self.sink.min_edit_interval
             self._visible(text)

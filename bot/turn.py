@@ -22,16 +22,28 @@ class ConversationKey:
 
 
 @dataclass(frozen=True)
+class ReplyChain:
+    """Where a conversation is a chain of replies (a Discord channel): this message's id and
+    the id of the message it replies to. The core remembers every message of a conversation,
+    so a reply to any of them continues it."""
+
+    message_id: str
+    replies_to: str = ""
+
+
+@dataclass(frozen=True)
 class Turn:
     """One message from one person that the bot should act on."""
 
-    key: ConversationKey
+    key: ConversationKey  # with a reply chain: where a new conversation would live
     user_id: str
     user_name: str  # for multi-person threads: the model sees who said what
     text: str  # bot mention stripped, platform markup normalised
     event_id: str  # for de-duplication across retries and replicas
     is_admin: bool = False  # may stop anyone's reply
     may_switch_model: bool = True  # False where the platform's rules restrict `model <name>`
+    only_if_active: bool = False  # answer only in a conversation the bot is already part of
+    chain: ReplyChain | None = None
 
 
 @dataclass(frozen=True)

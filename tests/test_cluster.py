@@ -322,10 +322,8 @@ def _cluster_ok(nodes: list[EmbeddedRedis]) -> bool:
 async def test_discord_reply_chains_span_slots_on_a_cluster(
     open_parley: Callable[..., Awaitable[Parley]],
 ) -> None:
-    from adapters.discord import ReplyChains
-
     parley = await open_parley()
-    chains = ReplyChains(parley.redis, prefix="parley:", ttl=60)
-    pages = list(range(1000, 1010))  # ten keys: several hash slots, one plain pipeline
-    await chains.remember(999, *pages)
-    assert [await chains.root_of(page) for page in pages] == [999] * len(pages)
+    key = ConversationKey("discord", "G1", "C1", "999")
+    pages = [str(page) for page in range(1000, 1010)]  # ten keys: several slots, one pipeline
+    await parley.state.remember_chain(key, pages)
+    assert [await parley.state.chain_root(key, page) for page in pages] == ["999"] * len(pages)

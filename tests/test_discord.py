@@ -21,6 +21,8 @@ from aiohttp import web
 from adapters.discord import DiscordAdapter
 from adapters.discord_logic import CONTENT_WITHHELD, MODEL_SWITCH_ADMINS, NOT_ALLOWED
 from bot.app import Parley
+from bot.embedded_redis import EmbeddedRedis
+from bot.errors import StateUnavailable, describe
 from bot.settings import Settings
 from bot.streaming import CURSOR, STOPPED
 from bot.turn import ConversationKey
@@ -137,7 +139,7 @@ async def history_saved(adapter: DiscordAdapter, key: ConversationKey) -> None:
     """Wait until the core has stored the conversation: it does so after the final edit, and
     nothing of that reaches Discord, so there is no request to wait for."""
     async with asyncio.timeout(5):
-        while not await adapter.parley.conversation.is_active(key):  # noqa: ASYNC110
+        while not await adapter.parley.state.is_active(key):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 
@@ -779,3 +781,44 @@ async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
     times = [p.time for p in fake.calls("PATCH", MESSAGE)]
     for i, start in enumerate(times):
         assert len([t for t in times[i:] if t - start < 1.0 - 0.02]) <= 3
+
+
+# --- a Redis outage -------------------------------------------------------------------------
+
+
+async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
+    models: FakeModelServer, fake: FakeDiscord, alice: Json, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    unavailable = describe(StateUnavailable())
+    redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
+    await redis.start()
+    try:
+        async with running(settings_for(redis.url, models.url, fake)):
+            models.script(Script(tokens=["Before", " the", " outage."]))
+            await fake.say(alice, f"{mention(fake)} hello")
+            before = await fake.wait_for(final("Before the outage."))
+            await redis.stop()
+
+            await fake.say(alice, f"{mention(fake)} are you there?")
+            await fake.wait_for(final(unavailable))
+            # a reply to the bot: which conversation it continues is itself kept in Redis
+            await fake.say(alice, "and now?", reply_to=before["id"])
+            await fake.wait_for(
+                lambda f: [m["content"] for m in f.bot_messages()].count(unavailable) == 2
+            )
+            iid = await fake.slash(alice, "reset")
+            await fake.wait_for(lambda f: f.interaction_replies(iid))
+            assert fake.interaction_replies(iid) == [unavailable]
+
+            await redis.start()  # the same port, as a restarted server or a failover would be
+            models.script(Script(tokens=["Back", " again."]))
+            await fake.say(alice, "after", reply_to=before["id"])
+            await fake.wait_for(final("Back again."))
+    finally:
+        await redis.stop()
+
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
+    told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+    assert len(told) == 3 and all(r.levelno == logging.ERROR for r in told)
+    assert len(models.chat_requests) == 2  # nothing reached the model during the outage

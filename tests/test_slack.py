@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from limits import RateLimitItemPerSecond
 from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, STOP_ACTION, SlackAdapter
 from adapters.slack_text import JOINER
 from bot.app import Parley
+from bot.embedded_redis import EmbeddedRedis
+from bot.errors import StateUnavailable, describe
 from bot.settings import Settings
 from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
@@ -772,3 +775,45 @@ async def test_streaming_edits_leave_part_of_the_workspace_budget_to_final_edits
         assert refused.value.retry_after <= INTERVAL  # retried soon, not after the window
         await sink.edit(ref, "the whole answer", final=True)  # the final edit still goes out
     assert shown(slack.calls_to("chat.update")[-1]) == "the whole answer"
+
+
+# --- a Redis outage -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
+    slack: FakeSlack, model: FakeModelServer, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    unavailable = describe(StateUnavailable())
+    redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
+    await redis.start()
+    try:
+        async with slack_bot(slack, model, redis.url, mode) as bot:
+            first = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
+            await send_event(slack, bot, first)
+            await reply_in_thread(slack, first["ts"], "You said: hello")
+            await redis.stop()
+
+            during = slack.user_message(f"<@{BOT_USER_ID}> still there?", event_type="app_mention")
+            await send_event(slack, bot, during)
+            await reply_in_thread(slack, during["ts"], unavailable)
+            # thread chatter without a mention: with no Redis there is no telling whether it is
+            # for Parley, so it is not answered (rather than a notice in every thread)
+            chatter = slack.user_message("is it down?", thread_ts=first["ts"])
+            await send_event(slack, bot, chatter)
+            reset = await send_command(slack, bot, "/reset")
+            assert reset["text"] == unavailable
+
+            await redis.start()  # the same port, as a restarted server or a failover would be
+            after = slack.user_message(f"<@{BOT_USER_ID}> back?", event_type="app_mention")
+            await send_event(slack, bot, after)
+            await reply_in_thread(slack, after["ts"], "You said: back?")
+    finally:
+        await redis.stop()
+
+    assert thread_text(slack, first["ts"]) == "You said: hello"  # the chatter got no answer
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
+    told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+    assert len(told) == 3 and all(r.levelno == logging.ERROR for r in told)
+    assert len(model.chat_requests) == 2
