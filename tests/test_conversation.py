@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from bot.app import Parley
 from bot.conversation import Outcome
 from bot.settings import Settings
+from bot.streaming import PLACEHOLDER
 from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
@@ -251,3 +253,19 @@ async def test_a_cancelled_turn_is_finalised_as_stopped(
             break
         await asyncio.sleep(0.01)
     assert server.disconnects == 1  # closing the stream stopped generation upstream
+
+
+async def test_a_failure_nobody_anticipated_still_ends_the_reply_and_frees_the_thread(
+    parley: Parley, server: FakeModelServer, redis_client: aioredis.Redis
+) -> None:
+    # a lone surrogate (a valid JSON escape from a platform) cannot be encoded for the model
+    sink = RecordingSink(min_edit_interval=0.05)
+    assert await parley.conversation.handle(turn("broken \ud800 text"), sink) is Outcome.ERROR
+    assert sink.calls[-1].final and PLACEHOLDER not in sink.messages
+    assert "Something went wrong" in sink.messages[-1]
+    # the thread lock, the in-flight slot and the Stop owner were all given back
+    for pattern in ("parley:lock:*", "parley:busy:*", "parley:turn:*"):
+        assert await redis_client.keys(pattern) == [], pattern
+    again = RecordingSink(min_edit_interval=0.05)
+    assert await parley.conversation.handle(turn("next"), again) is Outcome.COMPLETE
+    assert again.messages == ["You said: next"]
