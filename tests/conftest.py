@@ -1,4 +1,5 @@
-"""Shared fixtures: one real redis-server per test session, a clean database per test."""
+"""Shared fixtures: one real redis-server per test session, a clean database per test, and a
+fake model server per test."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.embedded_redis import EmbeddedRedis
+from tests.fakes.model_server import FakeModelServer
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,12 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[FakeModelServer]:
+    """A fake Ollama serving DEFAULT_MODELS; it echoes each question unless a test scripts it.
+
+    A module that needs other models or another default script overrides this fixture."""
+    async with FakeModelServer() as server:
+        yield server

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -27,6 +25,7 @@ from bot.errors import (
 )
 from bot.settings import BackendConfig
 from tests.fakes.model_server import FakeModelServer, Script
+from tests.support import closed_url, until
 
 KEY = "sk-test-never-shown-4242"
 HELLO = [Message("user", "hello")]
@@ -41,17 +40,11 @@ def make_backend(
     return cls(config, timeouts or Timeouts(connect=2, first_chunk=5, idle=5))
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as fake:
-        yield fake
-
-
 @pytest.fixture(params=KINDS)
 async def backend(
-    request: pytest.FixtureRequest, server: FakeModelServer
+    request: pytest.FixtureRequest, model_server: FakeModelServer
 ) -> AsyncIterator[Backend]:
-    made = make_backend(request.param, server.url)
+    made = make_backend(request.param, model_server.url)
     yield made
     await made.aclose()
 
@@ -60,27 +53,13 @@ async def collect(backend: Backend, model: str = "llama3.2") -> list[Chunk]:
     return [chunk async for chunk in backend.chat(model, HELLO)]
 
 
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll until `condition` holds, failing after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
-
-
 # --- streaming ------------------------------------------------------------------------------
 
 
 async def test_content_chunks_arrive_in_order_then_done_with_token_counts(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["Hel", "lo", " there", "!"]))
+    model_server.script(Script(tokens=["Hel", "lo", " there", "!"]))
     chunks = await collect(backend)
     assert chunks[:-1] == [Content("Hel"), Content("lo"), Content(" there"), Content("!")]
     done = chunks[-1]
@@ -91,9 +70,9 @@ async def test_content_chunks_arrive_in_order_then_done_with_token_counts(
 
 
 async def test_done_carries_the_servers_finish_reason(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["cut"], done_reason="length"))
+    model_server.script(Script(tokens=["cut"], done_reason="length"))
     chunks = await collect(backend)
     assert chunks[-1] == Done(
         reason="length",
@@ -104,28 +83,28 @@ async def test_done_carries_the_servers_finish_reason(
 
 
 async def test_thinking_chunks_come_before_content(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(thinking=["Hmm", " let me see"], tokens=["Yes", "."]))
+    model_server.script(Script(thinking=["Hmm", " let me see"], tokens=["Yes", "."]))
     chunks = await collect(backend)
     assert chunks[:-1] == [Thinking("Hmm"), Thinking(" let me see"), Content("Yes"), Content(".")]
     assert isinstance(chunks[-1], Done)
 
 
 async def test_the_request_carries_model_messages_and_asks_for_a_stream(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
     await collect(backend, "qwen3:8b")
-    [body] = server.chat_requests
+    [body] = model_server.chat_requests
     assert body["model"] == "qwen3:8b"
     assert body["messages"] == [{"role": "user", "content": "hello"}]
     assert body["stream"] is True
 
 
 async def test_a_mid_stream_error_raises_after_the_partial_content(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["one", " two", " three"], fail_after=2))
+    model_server.script(Script(tokens=["one", " two", " three"], fail_after=2))
     seen: list[Chunk] = []
     with pytest.raises(BackendStreamError) as caught:
         async for chunk in backend.chat("llama3.2", HELLO):
@@ -136,10 +115,10 @@ async def test_a_mid_stream_error_raises_after_the_partial_content(
 
 
 async def test_ollama_mid_stream_error_keeps_the_servers_message(
-    server: FakeModelServer,
+    model_server: FakeModelServer,
 ) -> None:
-    backend = make_backend("ollama", server.url)
-    server.script(Script(tokens=["a", "b"], fail_after=1, error_message="CUDA out of memory"))
+    backend = make_backend("ollama", model_server.url)
+    model_server.script(Script(tokens=["a", "b"], fail_after=1, error_message="CUDA out of memory"))
     try:
         with pytest.raises(BackendStreamError, match="CUDA out of memory"):
             await collect(backend)
@@ -160,18 +139,20 @@ async def test_unknown_model_is_model_not_found(backend: Backend) -> None:
     assert backend.name in text
 
 
-async def test_scripted_404_is_model_not_found(backend: Backend, server: FakeModelServer) -> None:
-    server.script(Script(status=404))
+async def test_scripted_404_is_model_not_found(
+    backend: Backend, model_server: FakeModelServer
+) -> None:
+    model_server.script(Script(status=404))
     with pytest.raises(ModelNotFound):
         await collect(backend)
 
 
 @pytest.mark.parametrize("plain_text", [False, True], ids=["json", "plain-text"])
 async def test_401_is_unauthorized_and_the_sentence_hides_the_key(
-    server: FakeModelServer, plain_text: bool, kind: str
+    model_server: FakeModelServer, plain_text: bool, kind: str
 ) -> None:
-    backend = make_backend(kind, server.url, api_key=KEY)
-    server.script(Script(status=401, plain_text=plain_text))
+    backend = make_backend(kind, model_server.url, api_key=KEY)
+    model_server.script(Script(status=401, plain_text=plain_text))
     try:
         with pytest.raises(BackendUnauthorized) as caught:
             await collect(backend)
@@ -186,10 +167,10 @@ async def test_401_is_unauthorized_and_the_sentence_hides_the_key(
 
 
 async def test_429_is_usage_limit_with_the_servers_message_and_retry_after(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
     message = "you (alice) have reached your weekly usage limit, upgrade for higher limits"
-    server.script(Script(status=429, error=message, headers={"Retry-After": "120"}))
+    model_server.script(Script(status=429, error=message, headers={"Retry-After": "120"}))
     with pytest.raises(BackendUsageLimit) as caught:
         await collect(backend)
     assert caught.value.message == message
@@ -200,25 +181,25 @@ async def test_429_is_usage_limit_with_the_servers_message_and_retry_after(
 
 
 async def test_402_empty_balance_is_a_usage_limit(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(status=402))
+    model_server.script(Script(status=402))
     with pytest.raises(BackendUsageLimit, match="balance is empty"):
         await collect(backend)
 
 
-async def test_503_is_busy(backend: Backend, server: FakeModelServer) -> None:
-    server.script(Script(status=503))
+async def test_503_is_busy(backend: Backend, model_server: FakeModelServer) -> None:
+    model_server.script(Script(status=503))
     with pytest.raises(BackendBusy) as caught:
         await collect(backend)
     assert "busy" in describe(caught.value)
 
 
 async def test_400_is_bad_request_with_the_servers_reason(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
     reason = '"llama3.2" does not support thinking'
-    server.script(Script(status=400, error=reason))
+    model_server.script(Script(status=400, error=reason))
     with pytest.raises(BackendBadRequest) as caught:
         await collect(backend)
     assert caught.value.message == reason
@@ -226,7 +207,7 @@ async def test_400_is_bad_request_with_the_servers_reason(
 
 
 async def test_a_closed_port_is_unreachable(kind: str) -> None:
-    backend = make_backend(kind, f"http://127.0.0.1:{closed_port()}", api_key=KEY)
+    backend = make_backend(kind, closed_url(), api_key=KEY)
     try:
         with pytest.raises(BackendUnreachable) as caught:
             await collect(backend)
@@ -239,11 +220,11 @@ async def test_a_closed_port_is_unreachable(kind: str) -> None:
 
 
 async def test_each_error_gets_its_own_sentence_without_the_key(
-    server: FakeModelServer, kind: str
+    model_server: FakeModelServer, kind: str
 ) -> None:
-    backend = make_backend(kind, server.url, api_key=KEY)
-    server.api_key = KEY
-    server.script(
+    backend = make_backend(kind, model_server.url, api_key=KEY)
+    model_server.api_key = KEY
+    model_server.script(
         Script(status=404),
         Script(status=401),
         Script(status=429),
@@ -275,9 +256,9 @@ async def test_each_error_gets_its_own_sentence_without_the_key(
 
 
 async def test_leaving_the_stream_early_disconnects_so_generation_stops(
-    backend: Backend, server: FakeModelServer
+    backend: Backend, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=[f"t{i} " for i in range(40)], delay=0.05))
+    model_server.script(Script(tokens=[f"t{i} " for i in range(40)], delay=0.05))
     seen = []
     async with contextlib.aclosing(backend.chat("llama3.2", HELLO)) as chunks:  # type: ignore[type-var]
         async for chunk in chunks:
@@ -285,13 +266,17 @@ async def test_leaving_the_stream_early_disconnects_so_generation_stops(
             if len(seen) == 2:
                 break
     assert seen == [Content("t0 "), Content("t1 ")]
-    await eventually(lambda: server.disconnects == 1)
-    assert server.completed == 0
+    await until(lambda: model_server.disconnects == 1, within=2.0)
+    assert model_server.completed == 0
 
 
-async def test_no_first_chunk_in_time_is_a_timeout(server: FakeModelServer, kind: str) -> None:
-    backend = make_backend(kind, server.url, timeouts=Timeouts(connect=1, first_chunk=0.2, idle=5))
-    server.script(Script(first_delay=1))
+async def test_no_first_chunk_in_time_is_a_timeout(
+    model_server: FakeModelServer, kind: str
+) -> None:
+    backend = make_backend(
+        kind, model_server.url, timeouts=Timeouts(connect=1, first_chunk=0.2, idle=5)
+    )
+    model_server.script(Script(first_delay=1))
     started = time.monotonic()
     try:
         with pytest.raises(BackendTimeout) as caught:
@@ -302,9 +287,13 @@ async def test_no_first_chunk_in_time_is_a_timeout(server: FakeModelServer, kind
     assert "took too long" in describe(caught.value)
 
 
-async def test_a_stall_between_chunks_is_a_timeout(server: FakeModelServer, kind: str) -> None:
-    backend = make_backend(kind, server.url, timeouts=Timeouts(connect=1, first_chunk=5, idle=0.2))
-    server.script(Script(tokens=["a", "b"], delay=1))
+async def test_a_stall_between_chunks_is_a_timeout(
+    model_server: FakeModelServer, kind: str
+) -> None:
+    backend = make_backend(
+        kind, model_server.url, timeouts=Timeouts(connect=1, first_chunk=5, idle=0.2)
+    )
+    model_server.script(Script(tokens=["a", "b"], delay=1))
     seen: list[Chunk] = []
     try:
         with pytest.raises(BackendTimeout):
@@ -318,7 +307,9 @@ async def test_a_stall_between_chunks_is_a_timeout(server: FakeModelServer, kind
 # --- catalogs and auth ----------------------------------------------------------------------
 
 
-async def test_list_models_names_every_model(backend: Backend, server: FakeModelServer) -> None:
+async def test_list_models_names_every_model(
+    backend: Backend, model_server: FakeModelServer
+) -> None:
     assert await backend.list_models() == ["llama3.2:latest", "qwen3:8b"]
 
 
@@ -332,23 +323,23 @@ async def test_list_models_of_an_empty_server_is_empty(kind: str) -> None:
 
 
 async def test_openai_url_that_already_ends_in_v1_is_not_doubled(
-    server: FakeModelServer,
+    model_server: FakeModelServer,
 ) -> None:
-    backend = make_backend("openai", server.url + "/v1")
+    backend = make_backend("openai", model_server.url + "/v1")
     try:
         assert await backend.list_models() == ["llama3.2:latest", "qwen3:8b"]
         chunks = await collect(backend)
         assert "".join(c.text for c in chunks if isinstance(c, Content)) == "You said: hello"
     finally:
         await backend.aclose()
-    assert [r.path for r in server.requests] == ["/v1/models", "/v1/chat/completions"]
+    assert [r.path for r in model_server.requests] == ["/v1/models", "/v1/chat/completions"]
 
 
 async def test_the_bearer_header_is_sent_only_with_an_api_key(
-    server: FakeModelServer, kind: str
+    model_server: FakeModelServer, kind: str
 ) -> None:
-    keyless = make_backend(kind, server.url)
-    keyed = make_backend(kind, server.url, api_key=KEY)
+    keyless = make_backend(kind, model_server.url)
+    keyed = make_backend(kind, model_server.url, api_key=KEY)
     try:
         await keyless.list_models()
         await collect(keyless)
@@ -357,7 +348,7 @@ async def test_the_bearer_header_is_sent_only_with_an_api_key(
     finally:
         await keyless.aclose()
         await keyed.aclose()
-    auth = [r.headers.get("authorization") for r in server.requests]
+    auth = [r.headers.get("authorization") for r in model_server.requests]
     assert auth == [None, None, f"Bearer {KEY}", f"Bearer {KEY}"]
 
 

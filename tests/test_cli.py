@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.fakes.model_server import FakeModelServer
+from tests.support import closed_url
 
 PARLEY = str(Path(sys.executable).with_name("parley"))
 KEY = "sk-backend-key-never-printed-77"
@@ -62,20 +61,8 @@ def backends(*entries: tuple[str, str, str] | tuple[str, str, str, str]) -> str:
     return json.dumps(listed)
 
 
-def closed_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.fixture
-async def models() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer(models=["llama3.2:latest", "qwen3:8b"]) as server:
-        yield server
-
-
-@pytest.fixture
-def env(tmp_path: Path, redis_url: str, models: FakeModelServer) -> dict[str, str]:
+def env(tmp_path: Path, redis_url: str, model_server: FakeModelServer) -> dict[str, str]:
     base = {
         k: v
         for k, v in os.environ.items()
@@ -84,20 +71,20 @@ def env(tmp_path: Path, redis_url: str, models: FakeModelServer) -> dict[str, st
     return {
         **base,
         "PARLEY_REDIS_URL": redis_url,
-        "PARLEY_BACKENDS": backends(("local", "ollama", models.url)),
+        "PARLEY_BACKENDS": backends(("local", "ollama", model_server.url)),
         "PARLEY_DATA_DIR": str(tmp_path / "data"),
     }
 
 
 async def test_piped_chat_answers_each_line_and_remembers_the_thread(
-    env: dict[str, str], tmp_path: Path, models: FakeModelServer
+    env: dict[str, str], tmp_path: Path, model_server: FakeModelServer
 ) -> None:
     run = await parley(
         "chat", "--thread", uuid.uuid4().hex, env=env, cwd=tmp_path, stdin="hello\nsecond\n"
     )
     assert run.returncode == 0, run.err
     assert run.lines == ["You said: hello", "You said: second"]
-    first, second = models.chat_requests
+    first, second = model_server.chat_requests
     assert first["model"] == "llama3.2:latest"
     assert [(m["role"], m["content"]) for m in first["messages"][1:]] == [("user", "hello")]
     assert [(m["role"], m["content"]) for m in second["messages"][1:]] == [
@@ -109,11 +96,11 @@ async def test_piped_chat_answers_each_line_and_remembers_the_thread(
 
 
 async def test_models_lists_one_model_per_line_with_its_backend(
-    env: dict[str, str], tmp_path: Path, models: FakeModelServer
+    env: dict[str, str], tmp_path: Path, model_server: FakeModelServer
 ) -> None:
     async with FakeModelServer(models=["gemma3:4b"]) as other:
         env["PARLEY_BACKENDS"] = backends(
-            ("local", "ollama", models.url), ("gpu", "openai", other.url)
+            ("local", "ollama", model_server.url), ("gpu", "openai", other.url)
         )
         run = await parley("models", env=env, cwd=tmp_path)
     assert run.returncode == 0, run.err
@@ -125,11 +112,11 @@ async def test_models_lists_one_model_per_line_with_its_backend(
 
 
 async def test_check_fails_naming_the_url_of_an_unreachable_backend(
-    env: dict[str, str], tmp_path: Path, models: FakeModelServer
+    env: dict[str, str], tmp_path: Path, model_server: FakeModelServer
 ) -> None:
     dead = closed_url()
     env["PARLEY_BACKENDS"] = backends(
-        ("local", "ollama", models.url, KEY), ("spare", "ollama", dead)
+        ("local", "ollama", model_server.url, KEY), ("spare", "ollama", dead)
     )
     run = await parley("check", env=env, cwd=tmp_path)
     assert run.returncode != 0
@@ -142,19 +129,19 @@ async def test_check_fails_naming_the_url_of_an_unreachable_backend(
 
 
 async def test_check_exits_0_when_settings_redis_and_every_backend_are_fine(
-    env: dict[str, str], tmp_path: Path, models: FakeModelServer
+    env: dict[str, str], tmp_path: Path, model_server: FakeModelServer
 ) -> None:
-    env["PARLEY_BACKENDS"] = backends(("local", "ollama", models.url, KEY))
+    env["PARLEY_BACKENDS"] = backends(("local", "ollama", model_server.url, KEY))
     run = await parley("check", env=env, cwd=tmp_path)
     assert run.returncode == 0, run.out + run.err
     assert all(line.startswith("ok") for line in run.lines), run.out
     assert any("redis" in line for line in run.lines)
-    assert any(models.url in line for line in run.lines)
+    assert any(model_server.url in line for line in run.lines)
     assert KEY not in run.out + run.err
 
 
 async def test_without_a_redis_url_chat_keeps_history_in_an_embedded_redis(
-    env: dict[str, str], tmp_path: Path, models: FakeModelServer
+    env: dict[str, str], tmp_path: Path, model_server: FakeModelServer
 ) -> None:
     del env["PARLEY_REDIS_URL"]
     thread = uuid.uuid4().hex
@@ -166,7 +153,7 @@ async def test_without_a_redis_url_chat_keeps_history_in_an_embedded_redis(
     again = await parley("chat", "--thread", thread, env=env, cwd=tmp_path, stdin="again\n")
     assert again.returncode == 0, again.err
     assert again.lines == ["You said: again"]
-    last = models.chat_requests[-1]
+    last = model_server.chat_requests[-1]
     assert [(m["role"], m["content"]) for m in last["messages"][1:]] == [
         ("user", "hello"),
         ("assistant", "You said: hello"),

@@ -21,11 +21,10 @@ from redis.asyncio.cluster import RedisCluster
 from bot.app import Parley
 from bot.conversation import Outcome, stop_token
 from bot.embedded_redis import EmbeddedRedis, free_port
-from bot.turn import ConversationKey, Turn
+from bot.turn import ConversationKey
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
-from tests.test_conversation import make_settings
-from tests.test_operations import until
+from tests.support import make_settings, turn, until
 
 SLOTS = 16384
 
@@ -102,30 +101,19 @@ def cluster_url(cluster_nodes: list[EmbeddedRedis]) -> str:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as fake:
-        yield fake
-
-
-@pytest.fixture
 async def open_parley(
-    cluster_url: str, server: FakeModelServer
+    cluster_url: str, model_server: FakeModelServer
 ) -> AsyncIterator[Callable[..., Awaitable[Parley]]]:
     opened: list[Parley] = []
 
     async def factory(**extra: object) -> Parley:
-        app = await Parley.open(make_settings(cluster_url, server, **extra))
+        app = await Parley.open(make_settings(cluster_url, model_server, **extra))
         opened.append(app)
         return app
 
     yield factory
     for app in opened:
         await app.aclose()
-
-
-def turn(text: str, *, user: str = "U1", thread: str = "t1", event: str = "") -> Turn:
-    key = ConversationKey("slack", "T1", "C1", thread)
-    return Turn(key, user, user, text, event or uuid.uuid4().hex)
 
 
 def keys_per_node(nodes: list[EmbeddedRedis]) -> list[list[str]]:
@@ -181,10 +169,10 @@ async def test_a_duplicate_delivery_is_answered_once_on_two_replicas(
 
 
 async def test_the_rate_and_in_flight_limits_hold_on_a_cluster(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
     parley = await open_parley(rate_limit="2/minute", max_in_flight=1)
-    server.default = Script(tokens=["word "] * 100, delay=0.01)
+    model_server.default = Script(tokens=["word "] * 100, delay=0.01)
     first_sink = RecordingSink(min_edit_interval=0.05)
     first = asyncio.create_task(parley.conversation.handle(turn("one"), first_sink))
     await until(lambda: len(first_sink.edits) >= 1)
@@ -201,9 +189,9 @@ async def test_the_rate_and_in_flight_limits_hold_on_a_cluster(
 
 
 async def test_a_stop_pressed_on_another_replica_reaches_the_reply_on_a_cluster(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
-    server.default = Script(tokens=["word "] * 400, delay=0.01)
+    model_server.default = Script(tokens=["word "] * 400, delay=0.01)
     replica_a, replica_b = await open_parley(), await open_parley()
     await asyncio.sleep(0.2)  # both stop listeners subscribed
     sink = RecordingSink(min_edit_interval=0.05)
@@ -243,12 +231,12 @@ def cluster_password(nodes: list[EmbeddedRedis], password: str) -> Iterator[None
 
 
 async def test_a_password_protected_cluster_answers_and_limits(
-    cluster_url: str, cluster_nodes: list[EmbeddedRedis], server: FakeModelServer
+    cluster_url: str, cluster_nodes: list[EmbeddedRedis], model_server: FakeModelServer
 ) -> None:
     """`cluster_url`: the nodes flushed; the URL used here carries a password."""
     url = f"redis+cluster://:s%40cret@127.0.0.1:{cluster_nodes[0].port}"  # "s@cret", quoted
     with cluster_password(cluster_nodes, "s@cret"):
-        parley = await Parley.open(make_settings(url, server, rate_limit="1/minute"))
+        parley = await Parley.open(make_settings(url, model_server, rate_limit="1/minute"))
         try:
             first = RecordingSink(min_edit_interval=0.05)
             assert await parley.conversation.handle(turn("hi"), first) is Outcome.COMPLETE
@@ -261,7 +249,7 @@ async def test_a_password_protected_cluster_answers_and_limits(
 
 async def test_parley_check_reports_a_cluster_without_its_password(
     cluster_nodes: list[EmbeddedRedis],
-    server: FakeModelServer,
+    model_server: FakeModelServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from adapters.cli import check
@@ -269,7 +257,7 @@ async def test_parley_check_reports_a_cluster_without_its_password(
     nodes = ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes[:2])
     url = f"redis+cluster://:hunter2@{nodes}"
     with cluster_password(cluster_nodes, "hunter2"):
-        assert await check(make_settings(url, server)) == 0
+        assert await check(make_settings(url, model_server)) == 0
     out = capsys.readouterr().out
     assert f"ok    redis (redis+cluster://{nodes}, a cluster of 3 primaries)" in out
     assert "hunter2" not in out

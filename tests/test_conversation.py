@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from bot.app import Parley
 from bot.conversation import Outcome
-from bot.settings import Settings
 from bot.streaming import PLACEHOLDER
 from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
+from tests.support import make_settings
 
 KEY = ConversationKey("slack", "T1", "C1", "1700000000.000100")
 
@@ -26,38 +25,28 @@ def turn(text: str, *, user: str = "U1", name: str = "ada", key: ConversationKey
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[FakeModelServer]:
+async def model_server() -> AsyncIterator[FakeModelServer]:
+    """This module's fake server has a third model, to switch to."""
     async with FakeModelServer(["llama3.2:latest", "qwen3:8b", "gemma3:4b"]) as fake:
         yield fake
 
 
-def make_settings(redis_url: str, server: FakeModelServer, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "redis_url": redis_url,
-        "backends": [{"name": "local", "kind": "ollama", "url": server.url}],
-        "edit_interval": 0.05,
-        "system_prompt": "Be brief.",
-    }
-    values.update(extra)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
 @pytest.fixture
-async def parley(redis_url: str, server: FakeModelServer) -> AsyncIterator[Parley]:
-    app = await Parley.open(make_settings(redis_url, server))
+async def parley(redis_url: str, model_server: FakeModelServer) -> AsyncIterator[Parley]:
+    app = await Parley.open(make_settings(redis_url, model_server))
     yield app
     await app.aclose()
 
 
 async def test_a_message_is_answered_and_remembered(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
     sink = RecordingSink(min_edit_interval=0.05)
     assert await parley.conversation.handle(turn("hello there"), sink) is Outcome.COMPLETE
     assert sink.messages == ["You said: hello there"]
     sink2 = RecordingSink(min_edit_interval=0.05)
     await parley.conversation.handle(turn("and again"), sink2)
-    sent = server.chat_requests[-1]["messages"]
+    sent = model_server.chat_requests[-1]["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
     assert sent[0]["content"] == "Be brief."
     assert sent[1]["content"] == "hello there"
@@ -65,9 +54,9 @@ async def test_a_message_is_answered_and_remembered(
 
 
 async def test_mid_stream_error_keeps_the_partial_text_and_says_what_happened(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["The ", "first ", "half ", "never ", "ends"], fail_after=3))
+    model_server.script(Script(tokens=["The ", "first ", "half ", "never ", "ends"], fail_after=3))
     sink = RecordingSink(min_edit_interval=0.05)
     assert await parley.conversation.handle(turn("go"), sink) is Outcome.ERROR
     (final,) = sink.messages
@@ -87,9 +76,9 @@ async def test_mid_stream_error_keeps_the_partial_text_and_says_what_happened(
     ],
 )
 async def test_each_backend_error_gets_its_own_clear_message(
-    parley: Parley, server: FakeModelServer, script: Script, words: str
+    parley: Parley, model_server: FakeModelServer, script: Script, words: str
 ) -> None:
-    server.script(script)
+    model_server.script(script)
     sink = RecordingSink()
     assert await parley.conversation.handle(turn("hi"), sink) is Outcome.ERROR
     assert words in sink.messages[-1]
@@ -97,9 +86,9 @@ async def test_each_backend_error_gets_its_own_clear_message(
 
 
 async def test_usage_limit_message_keeps_the_servers_words_and_the_retry_time(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(status=429, headers={"Retry-After": "120"}))
+    model_server.script(Script(status=429, headers={"Retry-After": "120"}))
     sink = RecordingSink()
     await parley.conversation.handle(turn("hi"), sink)
     assert "session usage limit" in sink.messages[-1]
@@ -107,7 +96,7 @@ async def test_usage_limit_message_keeps_the_servers_words_and_the_retry_time(
 
 
 async def test_unknown_model_suggests_close_matches(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
     await parley.state.set_preference(KEY, "model", "qwen3:4b")  # e.g. a model since removed
     sink = RecordingSink()
@@ -117,17 +106,17 @@ async def test_unknown_model_suggests_close_matches(
 
 
 async def test_model_switch_is_validated_and_persists(
-    redis_url: str, server: FakeModelServer
+    redis_url: str, model_server: FakeModelServer
 ) -> None:
-    first = await Parley.open(make_settings(redis_url, server))
+    first = await Parley.open(make_settings(redis_url, model_server))
     reply = await first.conversation.command(turn(""), "model", "qwen")
     assert "Did you mean `qwen3:8b`" in reply.text
     reply = await first.conversation.command(turn(""), "model", "qwen3:8b")
     assert reply.current == "qwen3:8b"
     await first.aclose()
-    second = await Parley.open(make_settings(redis_url, server))  # a restart
+    second = await Parley.open(make_settings(redis_url, model_server))  # a restart
     await second.conversation.handle(turn("hi"), RecordingSink())
-    assert server.chat_requests[-1]["model"] == "qwen3:8b"
+    assert model_server.chat_requests[-1]["model"] == "qwen3:8b"
     listing = await second.conversation.command(turn(""), "model", "")
     assert "`qwen3:8b` ← current" in listing.text
     assert listing.models == ["llama3.2:latest", "qwen3:8b", "gemma3:4b"]
@@ -135,7 +124,7 @@ async def test_model_switch_is_validated_and_persists(
 
 
 async def test_text_commands_work_where_slash_commands_cannot(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
     await parley.conversation.handle(turn("remember me"), RecordingSink())
     sink = RecordingSink()
@@ -148,19 +137,21 @@ async def test_text_commands_work_where_slash_commands_cannot(
     assert sink.messages == ["You said: help me write a poem about help"]  # not a command
 
 
-async def test_a_retried_event_is_answered_once(parley: Parley, server: FakeModelServer) -> None:
+async def test_a_retried_event_is_answered_once(
+    parley: Parley, model_server: FakeModelServer
+) -> None:
     once = turn("hello")
     outcomes = await asyncio.gather(
         *(parley.conversation.handle(once, RecordingSink()) for _ in range(3))
     )
     assert sorted(outcomes) == sorted([Outcome.COMPLETE, Outcome.DUPLICATE, Outcome.DUPLICATE])
-    assert len(server.chat_requests) == 1
+    assert len(model_server.chat_requests) == 1
 
 
 async def test_a_user_over_the_rate_is_told_when_to_come_back(
-    redis_url: str, server: FakeModelServer
+    redis_url: str, model_server: FakeModelServer
 ) -> None:
-    app = await Parley.open(make_settings(redis_url, server, rate_limit="2/minute"))
+    app = await Parley.open(make_settings(redis_url, model_server, rate_limit="2/minute"))
     try:
         for _ in range(2):
             await app.conversation.handle(turn("hi"), RecordingSink())
@@ -178,53 +169,57 @@ async def test_a_user_over_the_rate_is_told_when_to_come_back(
 
 
 async def test_an_oversized_message_gets_a_short_answer(
-    redis_url: str, server: FakeModelServer
+    redis_url: str, model_server: FakeModelServer
 ) -> None:
-    app = await Parley.open(make_settings(redis_url, server, max_input_chars=100))
+    app = await Parley.open(make_settings(redis_url, model_server, max_input_chars=100))
     try:
         sink = RecordingSink()
         assert await app.conversation.handle(turn("x" * 101), sink) is Outcome.REFUSED
         assert "101 characters; the limit is 100" in sink.notices[0]
-        assert server.chat_requests == []
+        assert model_server.chat_requests == []
     finally:
         await app.aclose()
 
 
 async def test_two_messages_in_one_thread_never_interleave_their_history(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
-    server.default = Script(delay=0.02)
+    model_server.default = Script(delay=0.02)
     await asyncio.gather(
         parley.conversation.handle(turn("one", user="U1"), RecordingSink()),
         parley.conversation.handle(turn("two", user="U2", name="bob"), RecordingSink()),
     )
     roles = [e.role for e in await parley.state.history(KEY)]
     assert roles == ["user", "assistant", "user", "assistant"]
-    assert server.max_in_flight == 1
+    assert model_server.max_in_flight == 1
 
 
 async def test_the_model_sees_who_said_what_in_a_thread_with_several_people(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
     await parley.conversation.handle(turn("I like tea", user="U1", name="ada"), RecordingSink())
     await parley.conversation.handle(turn("I like coffee", user="U2", name="bob"), RecordingSink())
-    sent = server.chat_requests[-1]["messages"]
+    sent = model_server.chat_requests[-1]["messages"]
     assert sent[1]["content"] == "ada: I like tea"
     assert sent[-1]["content"] == "bob: I like coffee"
 
 
 async def test_history_is_trimmed_to_the_context_budget_keeping_system_and_newest(
-    redis_url: str, server: FakeModelServer
+    redis_url: str, model_server: FakeModelServer
 ) -> None:
     app = await Parley.open(
         make_settings(
-            redis_url, server, context_tokens=400, reply_reserve_tokens=100, rate_limit="99/minute"
+            redis_url,
+            model_server,
+            context_tokens=400,
+            reply_reserve_tokens=100,
+            rate_limit="99/minute",
         )
     )
     try:
         for i in range(12):
             await app.conversation.handle(turn(f"message {i} " + "x" * 200), RecordingSink())
-        sent = server.chat_requests[-1]["messages"]
+        sent = model_server.chat_requests[-1]["messages"]
         assert sent[0]["role"] == "system"
         assert sent[-1]["content"].startswith("message 11")
         assert sum(len(m["content"]) for m in sent) // 4 <= 300
@@ -234,9 +229,9 @@ async def test_history_is_trimmed_to_the_context_budget_keeping_system_and_newes
 
 
 async def test_a_cancelled_turn_is_finalised_as_stopped(
-    parley: Parley, server: FakeModelServer
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["word "] * 200, delay=0.02))
+    model_server.script(Script(tokens=["word "] * 200, delay=0.02))
     sink = RecordingSink(min_edit_interval=0.05)
     task = asyncio.create_task(parley.conversation.handle(turn("long"), sink))
     for _ in range(200):
@@ -249,14 +244,14 @@ async def test_a_cancelled_turn_is_finalised_as_stopped(
     assert sink.messages[-1].endswith("_⏹ Stopped._")
     assert sink.calls[-1].final
     for _ in range(100):
-        if server.disconnects:
+        if model_server.disconnects:
             break
         await asyncio.sleep(0.01)
-    assert server.disconnects == 1  # closing the stream stopped generation upstream
+    assert model_server.disconnects == 1  # closing the stream stopped generation upstream
 
 
 async def test_a_failure_nobody_anticipated_still_ends_the_reply_and_frees_the_thread(
-    parley: Parley, server: FakeModelServer, redis_client: aioredis.Redis
+    parley: Parley, model_server: FakeModelServer, redis_client: aioredis.Redis
 ) -> None:
     # a lone surrogate (a valid JSON escape from a platform) cannot be encoded for the model
     sink = RecordingSink(min_edit_interval=0.05)

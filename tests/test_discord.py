@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ from bot.streaming import CURSOR, STOPPED
 from bot.turn import ConversationKey
 from tests.fakes.discord import MESSAGE_CONTENT_INTENT, SEND_MESSAGES, FakeDiscord, Recorded
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
+from tests.support import discord_settings, mention, until
 
 MESSAGES = r"/channels/\d+/messages"
 MESSAGE = r"/channels/\d+/messages/\d+"
@@ -51,27 +52,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 
 @pytest.fixture
-async def models() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as server:
-        yield server
-
-
-@pytest.fixture
 def alice(fake: FakeDiscord) -> Json:
     return fake.add_user("alice")
-
-
-def settings_for(redis_url: str, models_url: str, fake: FakeDiscord, **extra: Any) -> Settings:
-    return Settings(
-        _env_file=None,
-        redis_url=redis_url,
-        backends=[{"name": "local", "kind": "ollama", "url": models_url}],
-        edit_interval=0.05,
-        discord_token=fake.token,
-        discord_api_url=fake.api_url,
-        discord_gateway_url=fake.gateway_url,
-        **extra,
-    )
 
 
 @asynccontextmanager
@@ -91,14 +73,10 @@ async def running(
 
 @pytest.fixture
 async def bot(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
 ) -> AsyncIterator[DiscordAdapter]:
-    async with running(settings_for(redis_url, models.url, fake)) as adapter:
+    async with running(discord_settings(redis_url, model_server, fake)) as adapter:
         yield adapter
-
-
-def mention(fake: FakeDiscord) -> str:
-    return f"<@{fake.bot['id']}>"
 
 
 def final(text: str) -> Any:
@@ -119,13 +97,6 @@ def buttons(body: Json) -> list[Json]:
     return [c for row in body.get("components") or [] for c in row["components"]]
 
 
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for what no request to Discord shows (the model server's counters)."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
 async def streaming_reply(fake: FakeDiscord, asked: Json) -> tuple[Json, str]:
     """The reply to `asked` once it shows some answer, and its Stop button's custom_id."""
     [post] = await fake.wait_for(lambda f: f.reply_posts(asked["id"]))
@@ -138,9 +109,7 @@ async def streaming_reply(fake: FakeDiscord, asked: Json) -> tuple[Json, str]:
 async def history_saved(adapter: DiscordAdapter, key: ConversationKey) -> None:
     """Wait until the core has stored the conversation: it does so after the final edit, and
     nothing of that reaches Discord, so there is no request to wait for."""
-    async with asyncio.timeout(5):
-        while not await adapter.parley.state.is_active(key):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: adapter.parley.state.is_active(key))
 
 
 def message_writes(fake: FakeDiscord) -> list[Recorded]:
@@ -162,10 +131,10 @@ def message_writes(fake: FakeDiscord) -> list[Recorded]:
 
 
 async def test_mention_is_answered_by_a_reply_streamed_through_edits(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     # the model takes a moment to load: the typing indicator shows meanwhile
-    models.script(
+    model_server.script(
         Script(tokens=["Hello", " there", ",", " Alice", "!"], delay=0.06, first_delay=0.3)
     )
     asked = await fake.say(alice, f"{mention(fake)} hi there")
@@ -178,15 +147,17 @@ async def test_mention_is_answered_by_a_reply_streamed_through_edits(
     assert len(edits) >= 2  # streamed, not posted whole
     assert edits[-1].json["content"] == "Hello there, Alice!"
     assert fake.calls("POST", f"/channels/{fake.channel_id}/typing")
-    assert models.chat_requests[0]["messages"][-1]["content"] == "hi there"  # mention stripped
+    assert (
+        model_server.chat_requests[0]["messages"][-1]["content"] == "hi there"  # mention stripped
+    )
 
 
 async def test_no_post_or_edit_can_ping_anyone_even_when_the_model_writes_everyone(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     bob = fake.add_user("bob")
     answer = f"@everyone @here look <@{bob['id']}> <@&{fake.admin_role}> <@{alice['id']}>"
-    models.script(Script(tokens=word_pieces(answer), delay=0.03))
+    model_server.script(Script(tokens=word_pieces(answer), delay=0.03))
     await fake.say(alice, f"{mention(fake)} ping everybody please")
     await fake.wait_for(final(answer))
     await fake.slash(alice, "help")
@@ -206,10 +177,10 @@ async def test_no_post_or_edit_can_ping_anyone_even_when_the_model_writes_everyo
 
 
 async def test_rate_limited_edit_is_waited_out_and_the_final_content_still_lands(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     fake.rate_limit("PATCH", MESSAGE, retry_after=0.3)
-    models.script(Script(tokens=["one", " two", " three", " four", " five"], delay=0.05))
+    model_server.script(Script(tokens=["one", " two", " three", " four", " five"], delay=0.05))
     await fake.say(alice, f"{mention(fake)} count")
 
     await fake.wait_for(final("one two three four five"))
@@ -224,10 +195,10 @@ async def test_rate_limited_edit_is_waited_out_and_the_final_content_still_lands
 
 
 async def test_bucket_reported_empty_delays_the_next_edit(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     fake.exhaust("PATCH", MESSAGE, reset_after=0.3)
-    models.script(Script(tokens=["a", " b", " c", " d", " e", " f"], delay=0.05))
+    model_server.script(Script(tokens=["a", " b", " c", " d", " e", " f"], delay=0.05))
     await fake.say(alice, f"{mention(fake)} letters")
 
     await fake.wait_for(final("a b c d e f"))
@@ -238,14 +209,14 @@ async def test_bucket_reported_empty_delays_the_next_edit(
 
 
 async def test_long_reply_continues_in_follow_up_messages_within_2000_chars_with_fences_balanced(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     prose = " ".join(f"Sentence number {i} explains a little more." for i in range(40))
     code = "\n".join(f"    print('line {i:03d} of a long example')" for i in range(60))
     answer = f"{prose}\n\n```python\n{code}\n```\n\n{prose}"
     assert len(answer) > 5000
     pieces = [answer[i : i + 250] for i in range(0, len(answer), 250)]
-    models.script(Script(tokens=pieces, delay=0.01))
+    model_server.script(Script(tokens=pieces, delay=0.01))
     asked = await fake.say(alice, f"{mention(fake)} write a lot")
 
     def done(f: FakeDiscord) -> bool:  # the last sentence shown twice, nothing in progress
@@ -275,9 +246,9 @@ async def test_long_reply_continues_in_follow_up_messages_within_2000_chars_with
 
 
 async def test_a_streaming_reply_carries_a_stop_button_that_stops_it_for_the_asker(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
-    models.script(Script(tokens=["word "] * 300, delay=0.02))
+    model_server.script(Script(tokens=["word "] * 300, delay=0.02))
     asked = await fake.say(alice, f"{mention(fake)} talk for a while")
     [placeholder] = await fake.wait_for(lambda f: f.reply_posts(asked["id"]))
     assert placeholder.json["content"] == "…"
@@ -300,15 +271,15 @@ async def test_a_streaming_reply_carries_a_stop_button_that_stops_it_for_the_ask
     assert ["components" in e.json for e in edits] == [False] * (len(edits) - 1) + [True]
     [callback] = [r for r in fake.requests if r.path.startswith(f"/interactions/{iid}/")]
     assert callback.time <= edits[-1].time  # acked before the work, not after
-    await until(lambda: models.disconnects == 1)  # generation stopped upstream
-    assert models.completed == 0
+    await until(lambda: model_server.disconnects == 1)  # generation stopped upstream
+    assert model_server.completed == 0
 
 
 async def test_someone_else_pressing_stop_is_refused_privately_and_the_reply_goes_on(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     bob = fake.add_user("bob")
-    models.script(Script(tokens=["word "] * 40, delay=0.02))
+    model_server.script(Script(tokens=["word "] * 40, delay=0.02))
     asked = await fake.say(alice, f"{mention(fake)} talk for a bit")
     reply, custom_id = await streaming_reply(fake, asked)
 
@@ -322,15 +293,15 @@ async def test_someone_else_pressing_stop_is_refused_privately_and_the_reply_goe
     assert followup.json["flags"] & 64  # only Bob sees it
     assert followup.json["allowed_mentions"]["parse"] == []
     assert done["id"] == reply["id"] and done["components"] == []
-    await until(lambda: models.completed == 1)
-    assert models.disconnects == 0
+    await until(lambda: model_server.completed == 1)
+    assert model_server.disconnects == 0
 
 
 async def test_an_administrator_may_stop_anyones_reply(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     admin = fake.add_user("ada", roles=[fake.admin_role])
-    models.script(Script(tokens=["word "] * 300, delay=0.02))
+    model_server.script(Script(tokens=["word "] * 300, delay=0.02))
     asked = await fake.say(alice, f"{mention(fake)} talk for a while")
     reply, custom_id = await streaming_reply(fake, asked)
 
@@ -338,14 +309,14 @@ async def test_an_administrator_may_stop_anyones_reply(
     await fake.wait_for(lambda f: f.messages[reply["id"]]["content"].endswith(STOPPED))
 
     assert not fake.interaction_replies(iid)
-    await until(lambda: models.disconnects == 1)
+    await until(lambda: model_server.disconnects == 1)
 
 
 async def test_only_the_page_being_written_carries_the_stop_button(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     sentence = "This sentence is one of many that make the answer run long. "
-    models.script(Script(tokens=[sentence] * 70, delay=0.01))  # 4,340 chars: three pages
+    model_server.script(Script(tokens=[sentence] * 70, delay=0.01))  # 4,340 chars: three pages
     asked = await fake.say(alice, f"{mention(fake)} write a lot")
 
     await fake.wait_for(
@@ -379,10 +350,10 @@ async def test_only_the_page_being_written_carries_the_stop_button(
 
 
 async def test_a_stopped_reply_shows_it_at_once_though_streaming_used_the_edit_budget(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    async with running(settings_for(redis_url, models.url, fake), edit_budget=(3, 5)):
-        models.script(Script(tokens=["word "] * 300, delay=0.02))
+    async with running(discord_settings(redis_url, model_server, fake), edit_budget=(3, 5)):
+        model_server.script(Script(tokens=["word "] * 300, delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} talk for a while")
         reply, custom_id = await streaming_reply(fake, asked)
         edits = f"/channels/{fake.channel_id}/messages/{reply['id']}"
@@ -410,11 +381,11 @@ async def test_a_command_answer_carries_no_stop_button(
 
 
 async def test_a_stop_pressed_on_another_replica_stops_the_reply(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    settings = settings_for(redis_url, models.url, fake)
+    settings = discord_settings(redis_url, model_server, fake)
     async with running(settings):
-        models.script(Script(tokens=["word "] * 300, delay=0.02))
+        model_server.script(Script(tokens=["word "] * 300, delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} talk for a while")
         reply, custom_id = await streaming_reply(fake, asked)
         async with running(settings):  # a second replica: Discord sends it the press
@@ -425,17 +396,19 @@ async def test_a_stop_pressed_on_another_replica_stops_the_reply(
     assert fake.deliveries("INTERACTION_CREATE", iid) == [other]
     assert [c["type"] for c in fake.callbacks[iid]] == [6]
     assert fake.messages[reply["id"]]["components"] == []
-    await until(lambda: models.disconnects == 1)
+    await until(lambda: model_server.disconnects == 1)
 
 
 # --- conversations --------------------------------------------------------------------------
 
 
 async def test_follow_up_in_the_bots_thread_continues_the_history_without_a_mention(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    async with running(settings_for(redis_url, models.url, fake, discord_use_threads=True)):
-        models.script(Script(tokens=["Noted:", " 42."]), Script(tokens=["It", " was", " 42."]))
+    async with running(discord_settings(redis_url, model_server, fake, discord_use_threads=True)):
+        model_server.script(
+            Script(tokens=["Noted:", " 42."]), Script(tokens=["It", " was", " 42."])
+        )
         asked = await fake.say(alice, f"{mention(fake)} remember the number 42")
         await fake.wait_for(final("Noted: 42."))
 
@@ -445,7 +418,7 @@ async def test_follow_up_in_the_bots_thread_continues_the_history_without_a_ment
         await fake.say(alice, "what was the number?", channel_id=thread_id)
         await fake.wait_for(final("It was 42."))
 
-    second = models.chat_requests[1]["messages"]
+    second = model_server.chat_requests[1]["messages"]
     assert [m["content"] for m in second[1:]] == [
         "remember the number 42",
         "Noted: 42.",
@@ -454,9 +427,9 @@ async def test_follow_up_in_the_bots_thread_continues_the_history_without_a_ment
 
 
 async def test_reply_to_the_bots_message_continues_the_history(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
-    models.script(
+    model_server.script(
         Script(tokens=["First", " answer."]),
         Script(tokens=["Second", " answer."]),
         Script(tokens=["Third", " answer."]),
@@ -468,7 +441,7 @@ async def test_reply_to_the_bots_message_continues_the_history(
     await fake.say(alice, "third question", reply_to=second["id"])
     await fake.wait_for(final("Third answer."))
 
-    third = [m["content"] for m in models.chat_requests[2]["messages"][1:]]
+    third = [m["content"] for m in model_server.chat_requests[2]["messages"][1:]]
     assert third == [
         "first question",
         "First answer.",
@@ -479,15 +452,15 @@ async def test_reply_to_the_bots_message_continues_the_history(
 
 
 async def test_direct_message_is_answered_and_remembered(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
-    models.script(Script(tokens=["Hi", " Alice."]), Script(tokens=["Still", " here."]))
+    model_server.script(Script(tokens=["Hi", " Alice."]), Script(tokens=["Still", " here."]))
     await fake.dm(alice, "hello bot")
     await fake.wait_for(final("Hi Alice."))
     await fake.dm(alice, "are you there?")
     await fake.wait_for(final("Still here."))
 
-    assert [m["content"] for m in models.chat_requests[1]["messages"][1:]] == [
+    assert [m["content"] for m in model_server.chat_requests[1]["messages"][1:]] == [
         "hello bot",
         "Hi Alice.",
         "are you there?",
@@ -495,17 +468,20 @@ async def test_direct_message_is_answered_and_remembered(
 
 
 async def test_mentions_of_people_reach_the_model_as_display_names(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     bob = fake.add_user("bob", nick="Bobby")
     await fake.say(alice, f"{mention(fake)} say hello to <@{bob['id']}> in <#{fake.channel_id}>")
-    await fake.wait_for(lambda f: models.chat_requests)
+    await fake.wait_for(lambda f: model_server.chat_requests)
 
-    assert models.chat_requests[0]["messages"][-1]["content"] == "say hello to @Bobby in #general"
+    assert (
+        model_server.chat_requests[0]["messages"][-1]["content"]
+        == "say hello to @Bobby in #general"
+    )
 
 
 async def test_bots_everyone_and_role_mentions_and_plain_chatter_are_ignored(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     other_bot = fake.add_user("otherbot", bot=True)
     await fake.say(other_bot, f"{mention(fake)} hello from a bot")
@@ -513,11 +489,11 @@ async def test_bots_everyone_and_role_mentions_and_plain_chatter_are_ignored(
     await fake.say(alice, f"<@&{fake.bot_role}> does the role ping count?")
     await fake.say(alice, "just chatting")
     # a message that is answered, after the ignored ones: the gateway delivers in order
-    models.script(Script(tokens=["Answered."]))
+    model_server.script(Script(tokens=["Answered."]))
     asked = await fake.say(alice, f"{mention(fake)} only this one")
     await fake.wait_for(final("Answered."))
 
-    assert len(models.chat_requests) == 1
+    assert len(model_server.chat_requests) == 1
     assert [m["message_reference"]["message_id"] for m in fake.bot_messages()] == [asked["id"]]
 
 
@@ -534,9 +510,11 @@ async def test_commands_are_synced_globally_without_guild_ids(
 
 
 async def test_commands_are_synced_per_guild_when_guild_ids_are_configured(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
 ) -> None:
-    settings = settings_for(redis_url, models.url, fake, discord_guild_ids=[int(fake.guild_id)])
+    settings = discord_settings(
+        redis_url, model_server, fake, discord_guild_ids=[int(fake.guild_id)]
+    )
     async with running(settings):
         paths = [r.path for r in fake.calls("PUT")]
     assert paths == [f"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"]
@@ -544,7 +522,7 @@ async def test_commands_are_synced_per_guild_when_guild_ids_are_configured(
 
 
 async def test_slash_model_sets_the_channels_model_ephemerally(
-    bot: DiscordAdapter, fake: FakeDiscord, models: FakeModelServer, alice: Json
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
 ) -> None:
     iid = await fake.slash(alice, "model", {"name": "qwen3:8b"})
     await fake.wait_for(lambda f: f.interaction_replies(iid))
@@ -553,10 +531,10 @@ async def test_slash_model_sets_the_channels_model_ephemerally(
     assert callback["type"] == 4
     assert callback["data"]["flags"] & 64  # ephemeral
     assert "qwen3:8b" in callback["data"]["content"]
-    models.script(Script(tokens=["From", " qwen."]))
+    model_server.script(Script(tokens=["From", " qwen."]))
     await fake.say(alice, f"{mention(fake)} which model are you?")
     await fake.wait_for(final("From qwen."))
-    assert models.chat_requests[0]["model"] == "qwen3:8b"
+    assert model_server.chat_requests[0]["model"] == "qwen3:8b"
 
 
 async def test_slash_model_without_a_name_shows_the_current_model_and_the_list(
@@ -582,7 +560,7 @@ async def test_a_slow_slash_command_is_deferred_then_answered_privately(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    settings = settings_for(redis_url, url, fake)
+    settings = discord_settings(redis_url, url, fake)
     try:
         async with running(settings):
             iid = await fake.slash(alice, "model")
@@ -605,7 +583,7 @@ async def test_model_autocomplete_offers_at_most_25_matches_best_first(
     names = [f"llama-variant-{i:02d}:latest" for i in range(40)] + ["llama3.2:latest", "qwen3:8b"]
     async with (
         FakeModelServer(models=names) as models,
-        running(settings_for(redis_url, models.url, fake)),
+        running(discord_settings(redis_url, models, fake)),
     ):
         iid = await fake.autocomplete(alice, "model", "name", "llama3")
         [callback] = await fake.wait_for(lambda f: f.callbacks[iid])
@@ -621,11 +599,11 @@ async def test_model_autocomplete_offers_at_most_25_matches_best_first(
 
 
 async def test_slash_reset_clears_the_threads_history(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    settings = settings_for(redis_url, models.url, fake, discord_use_threads=True)
+    settings = discord_settings(redis_url, model_server, fake, discord_use_threads=True)
     async with running(settings) as adapter:
-        models.script(Script(tokens=["Noted."]), Script(tokens=["Fresh", " start."]))
+        model_server.script(Script(tokens=["Noted."]), Script(tokens=["Fresh", " start."]))
         asked = await fake.say(alice, f"{mention(fake)} my name is Alice")
         await fake.wait_for(final("Noted."))
         thread_id = asked["id"]
@@ -640,35 +618,39 @@ async def test_slash_reset_clears_the_threads_history(
         await fake.say(alice, "what is my name?", channel_id=thread_id)
         await fake.wait_for(final("Fresh start."))
 
-    assert [m["content"] for m in models.chat_requests[1]["messages"][1:]] == ["what is my name?"]
+    assert [m["content"] for m in model_server.chat_requests[1]["messages"][1:]] == [
+        "what is my name?"
+    ]
 
 
 # --- permissions ----------------------------------------------------------------------------
 
 
 async def test_people_outside_the_user_allowlist_are_ignored(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     bob = fake.add_user("bob")
-    settings = settings_for(redis_url, models.url, fake, discord_allowed_users=[int(bob["id"])])
+    settings = discord_settings(
+        redis_url, model_server, fake, discord_allowed_users=[int(bob["id"])]
+    )
     async with running(settings):
         await fake.say(alice, f"{mention(fake)} may I?")
         iid = await fake.slash(alice, "help")
-        models.script(Script(tokens=["Yes", " Bob."]))
+        model_server.script(Script(tokens=["Yes", " Bob."]))
         asked = await fake.say(bob, f"{mention(fake)} may I?")
         await fake.wait_for(final("Yes Bob."))
         [refusal] = await fake.wait_for(lambda f: f.interaction_replies(iid))
 
-    assert len(models.chat_requests) == 1
+    assert len(model_server.chat_requests) == 1
     assert [m["message_reference"]["message_id"] for m in fake.bot_messages()] == [asked["id"]]
     assert refusal == NOT_ALLOWED
 
 
 async def test_model_switching_limited_to_administrators(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     admin = fake.add_user("ada", roles=[fake.admin_role])
-    settings = settings_for(redis_url, models.url, fake, discord_model_admin_only=True)
+    settings = discord_settings(redis_url, model_server, fake, discord_model_admin_only=True)
     async with running(settings):
         refused = await fake.slash(alice, "model", {"name": "qwen3:8b"})
         [refusal] = await fake.wait_for(lambda f: f.interaction_replies(refused))
@@ -683,43 +665,43 @@ async def test_model_switching_limited_to_administrators(
 
 
 async def test_no_request_is_made_in_a_channel_where_the_bot_may_not_reply(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     muted = fake.add_channel("announcements", deny_bot=SEND_MESSAGES)
-    async with running(settings_for(redis_url, models.url, fake)):
+    async with running(discord_settings(redis_url, model_server, fake)):
         await fake.say(alice, f"{mention(fake)} answer here?", channel_id=muted)
-        models.script(Script(tokens=["Here."]))
+        model_server.script(Script(tokens=["Here."]))
         await fake.say(alice, f"{mention(fake)} and here?")
         await fake.wait_for(final("Here."))
 
     assert not [r for r in fake.requests if muted in r.path]  # no 403s to count against us
-    assert len(models.chat_requests) == 1
+    assert len(model_server.chat_requests) == 1
 
 
 # --- the gateway ----------------------------------------------------------------------------
 
 
 async def test_message_content_intent_refused_is_logged_and_told_to_the_user(
-    redis_url: str, models: FakeModelServer, caplog: pytest.LogCaptureFixture
+    redis_url: str, model_server: FakeModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="adapters.discord")
     async with FakeDiscord(grant_message_content=False) as fake:
         user = fake.add_user("carol")
-        async with running(settings_for(redis_url, models.url, fake)):
+        async with running(discord_settings(redis_url, model_server, fake)):
             asked = await fake.say(user, f"{mention(fake)} hello?", withheld=True)
             [notice] = await fake.wait_for(lambda f: replies_to(f, asked["id"]))
 
         assert fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT
         assert not fake.identifies[1]["intents"] & MESSAGE_CONTENT_INTENT
     assert notice["content"] == CONTENT_WITHHELD
-    assert not models.chat_requests
+    assert not model_server.chat_requests
     assert "Message Content intent" in caplog.text
 
 
 async def test_start_returns_once_the_guilds_are_in_not_after_discord_py_s_ready_delay(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
 ) -> None:
-    parley = await Parley.open(settings_for(redis_url, models.url, fake))
+    parley = await Parley.open(discord_settings(redis_url, model_server, fake))
     adapter = DiscordAdapter(parley)  # as `parley run` makes it: guild_ready_timeout 2 s
     loop = asyncio.get_running_loop()
     try:
@@ -736,10 +718,10 @@ async def test_start_returns_once_the_guilds_are_in_not_after_discord_py_s_ready
 
 
 async def test_shard_settings_identify_as_that_shard(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
 ) -> None:
-    settings = settings_for(
-        redis_url, models.url, fake, discord_shard_count=2, discord_shard_ids=[1]
+    settings = discord_settings(
+        redis_url, model_server, fake, discord_shard_count=2, discord_shard_ids=[1]
     )
     async with running(settings):
         pass
@@ -748,12 +730,12 @@ async def test_shard_settings_identify_as_that_shard(
 
 
 async def test_an_event_delivered_to_two_replicas_opens_one_thread_and_is_answered_once(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    settings = settings_for(redis_url, models.url, fake, discord_use_threads=True)
+    settings = discord_settings(redis_url, model_server, fake, discord_use_threads=True)
     async with running(settings), running(settings):
         assert len(fake.sessions) == 2  # two plain clients: both get every event of the guild
-        models.script(Script(tokens=["Only", " once."], delay=0.02))
+        model_server.script(Script(tokens=["Only", " once."], delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} one question")
         await fake.wait_for(final("Only once."))
         # the replica that lost the race for the thread was refused it, and answers there too
@@ -763,17 +745,17 @@ async def test_an_event_delivered_to_two_replicas_opens_one_thread_and_is_answer
     assert len(fake.deliveries("MESSAGE_CREATE", asked["id"])) == 2
     assert fake.thread_ids == [asked["id"]]
     assert [m["channel_id"] for m in fake.bot_messages()] == [asked["id"]]  # in the thread, once
-    assert len(models.chat_requests) == 1
+    assert len(model_server.chat_requests) == 1
 
 
 async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
-    redis_url: str, models: FakeModelServer, fake: FakeDiscord, alice: Json
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     bob = fake.add_user("bob")
-    async with running(settings_for(redis_url, models.url, fake), edit_budget=(3, 1)):
+    async with running(discord_settings(redis_url, model_server, fake), edit_budget=(3, 1)):
         text = " ".join(f"word{i}" for i in range(6))
         script = Script(tokens=word_pieces(text), delay=0.05)
-        models.script(script, script)
+        model_server.script(script, script)
         await fake.say(alice, f"{mention(fake)} stream one")
         await fake.say(bob, f"{mention(fake)} stream two")
         await fake.wait_for(lambda f: [m["content"] for m in f.bot_messages()] == [text, text])
@@ -787,15 +769,15 @@ async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
 
 
 async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
-    models: FakeModelServer, fake: FakeDiscord, alice: Json, caplog: pytest.LogCaptureFixture
+    model_server: FakeModelServer, fake: FakeDiscord, alice: Json, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     unavailable = describe(StateUnavailable())
     redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
     await redis.start()
     try:
-        async with running(settings_for(redis.url, models.url, fake)):
-            models.script(Script(tokens=["Before", " the", " outage."]))
+        async with running(discord_settings(redis.url, model_server, fake)):
+            model_server.script(Script(tokens=["Before", " the", " outage."]))
             await fake.say(alice, f"{mention(fake)} hello")
             before = await fake.wait_for(final("Before the outage."))
             await redis.stop()
@@ -812,7 +794,7 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
             assert fake.interaction_replies(iid) == [unavailable]
 
             await redis.start()  # the same port, as a restarted server or a failover would be
-            models.script(Script(tokens=["Back", " again."]))
+            model_server.script(Script(tokens=["Back", " again."]))
             await fake.say(alice, "after", reply_to=before["id"])
             await fake.wait_for(final("Back again."))
     finally:
@@ -821,4 +803,4 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
     told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
     assert len(told) == 3 and all(r.levelno == logging.ERROR for r in told)
-    assert len(models.chat_requests) == 2  # nothing reached the model during the outage
+    assert len(model_server.chat_requests) == 2  # nothing reached the model during the outage

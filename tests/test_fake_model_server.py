@@ -26,14 +26,8 @@ HELLO = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello wo
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(server: FakeModelServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+async def client(model_server: FakeModelServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=model_server.url, timeout=5.0) as client:
         yield client
 
 
@@ -82,7 +76,7 @@ def test_word_pieces_keep_spaces() -> None:
 
 
 async def test_ndjson_framing_defaults_to_stream(
-    server: FakeModelServer, client: httpx.AsyncClient
+    model_server: FakeModelServer, client: httpx.AsyncClient
 ) -> None:
     response, chunks = await ndjson(client, HELLO)  # no "stream" key: streams
     assert response.status_code == 200
@@ -102,15 +96,15 @@ async def test_ndjson_framing_defaults_to_stream(
     assert set(final) == {"model", "created_at", "message", "done", "done_reason"} | METRICS
     assert all(isinstance(final[k], int) and final[k] > 0 for k in METRICS)
     assert final["eval_count"] == 4
-    assert server.completed == 1
-    assert server.in_flight == 0
-    assert server.chat_requests == [HELLO]
+    assert model_server.completed == 1
+    assert model_server.in_flight == 0
+    assert model_server.chat_requests == [HELLO]
 
 
 async def test_thinking_chunks_come_first(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(thinking=["Hmm", ", ok"], tokens=["Hi", "!"], done_reason="length"))
+    model_server.script(Script(thinking=["Hmm", ", ok"], tokens=["Hi", "!"], done_reason="length"))
     _, chunks = await ndjson(client, {**HELLO, "model": "qwen3:8b"})
     messages = [c["message"] for c in chunks[:-1]]
     assert messages == [
@@ -123,8 +117,10 @@ async def test_thinking_chunks_come_first(
     assert chunks[-1]["eval_count"] == 4
 
 
-async def test_zero_metrics_are_omitted(client: httpx.AsyncClient, server: FakeModelServer) -> None:
-    server.script(Script(tokens=[]))
+async def test_zero_metrics_are_omitted(
+    client: httpx.AsyncClient, model_server: FakeModelServer
+) -> None:
+    model_server.script(Script(tokens=[]))
     _, chunks = await ndjson(client, HELLO)
     assert len(chunks) == 1
     assert chunks[0]["done"] is True
@@ -132,9 +128,9 @@ async def test_zero_metrics_are_omitted(client: httpx.AsyncClient, server: FakeM
 
 
 async def test_stream_false_is_one_json_object(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(thinking=["a", "b"], tokens=["x", "y"]))
+    model_server.script(Script(thinking=["a", "b"], tokens=["x", "y"]))
     response = await client.post("/api/chat", json={**HELLO, "stream": False})
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json; charset=utf-8"
@@ -147,23 +143,23 @@ async def test_stream_false_is_one_json_object(
 
 
 async def test_mid_stream_error_keeps_status_200(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["a", "b", "c"], fail_after=2))
+    model_server.script(Script(tokens=["a", "b", "c"], fail_after=2))
     response, chunks = await ndjson(client, HELLO)
     assert response.status_code == 200
     assert [c["message"]["content"] for c in chunks[:2]] == ["a", "b"]
     assert chunks[2] == {"error": "an error was encountered while running the model"}
     assert len(chunks) == 3
     assert not any(c.get("done") for c in chunks)
-    assert server.failed == 1
-    assert server.completed == 0
+    assert model_server.failed == 1
+    assert model_server.completed == 0
 
 
 async def test_failure_before_any_output_is_a_real_500(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["a"], fail_after=0, error_message="boom"))
+    model_server.script(Script(tokens=["a"], fail_after=0, error_message="boom"))
     assert_error(await client.post("/api/chat", json=HELLO), 500, "boom")
 
 
@@ -189,19 +185,19 @@ async def test_failure_before_any_output_is_a_real_500(
     ],
 )
 async def test_scripted_status_before_output(
-    client: httpx.AsyncClient, server: FakeModelServer, status: int, message: str
+    client: httpx.AsyncClient, model_server: FakeModelServer, status: int, message: str
 ) -> None:
-    server.script(Script(status=status, headers={"Retry-After": "7"}))
+    model_server.script(Script(status=status, headers={"Retry-After": "7"}))
     response = await client.post("/api/chat", json={**HELLO, "stream": True})
     assert_error(response, status, message)
     assert response.headers["retry-after"] == "7"
-    assert server.errors == 1
+    assert model_server.errors == 1
 
 
 async def test_scripts_are_consumed_in_order(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(status=429, error="slow down"), Script(tokens=["ok"]))
+    model_server.script(Script(status=429, error="slow down"), Script(tokens=["ok"]))
     assert_error(await client.post("/api/chat", json=HELLO), 429, "slow down")
     _, chunks = await ndjson(client, HELLO)
     assert chunks[0]["message"]["content"] == "ok"
@@ -209,8 +205,8 @@ async def test_scripts_are_consumed_in_order(
     assert chunks[0]["message"]["content"] == "You"
 
 
-async def test_plain_text_401(client: httpx.AsyncClient, server: FakeModelServer) -> None:
-    server.script(Script(status=401, plain_text=True))
+async def test_plain_text_401(client: httpx.AsyncClient, model_server: FakeModelServer) -> None:
+    model_server.script(Script(status=401, plain_text=True))
     response = await client.post("/api/chat", json=HELLO)
     assert response.status_code == 401
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
@@ -257,20 +253,20 @@ async def test_empty_messages_loads_the_model(client: httpx.AsyncClient) -> None
 
 
 async def test_client_disconnect_is_counted(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=[f" t{i}" for i in range(100)], delay=0.02))
+    model_server.script(Script(tokens=[f" t{i}" for i in range(100)], delay=0.02))
     async with client.stream("POST", "/api/chat", json=HELLO) as response:
         lines = response.aiter_lines()
         assert json.loads(await anext(lines))["message"]["content"] == " t0"
         assert json.loads(await anext(lines))["message"]["content"] == " t1"
     for _ in range(200):  # poll up to 2 s
-        if server.disconnects == 1:
+        if model_server.disconnects == 1:
             break
         await asyncio.sleep(0.01)
-    assert server.disconnects == 1
-    assert server.completed == 0
-    assert server.in_flight == 0
+    assert model_server.disconnects == 1
+    assert model_server.completed == 0
+    assert model_server.in_flight == 0
 
 
 async def test_stop_ends_streams_promptly_without_counting_disconnects() -> None:
@@ -291,19 +287,21 @@ async def test_stop_ends_streams_promptly_without_counting_disconnects() -> None
     assert server.in_flight == 0
 
 
-async def test_in_flight_is_tracked(client: httpx.AsyncClient, server: FakeModelServer) -> None:
-    server.default = Script(tokens=["x"], first_delay=0.1)
+async def test_in_flight_is_tracked(
+    client: httpx.AsyncClient, model_server: FakeModelServer
+) -> None:
+    model_server.default = Script(tokens=["x"], first_delay=0.1)
     responses = await asyncio.gather(*(client.post("/api/chat", json=HELLO) for _ in range(3)))
     assert [r.status_code for r in responses] == [200, 200, 200]
-    assert server.max_in_flight == 3
-    assert server.in_flight == 0
-    assert server.completed == 3
+    assert model_server.max_in_flight == 3
+    assert model_server.in_flight == 0
+    assert model_server.completed == 3
 
 
 # -- info endpoints -----------------------------------------------------------------------------
 
 
-async def test_tags_shape(client: httpx.AsyncClient, server: FakeModelServer) -> None:
+async def test_tags_shape(client: httpx.AsyncClient, model_server: FakeModelServer) -> None:
     response = await client.get("/api/tags")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json; charset=utf-8"
@@ -330,11 +328,11 @@ async def test_tags_shape(client: httpx.AsyncClient, server: FakeModelServer) ->
     assert head.status_code == 200
     assert head.content == b""
 
-    server.models = ["mistral"]
+    model_server.models = ["mistral"]
     assert [m["name"] for m in (await client.get("/api/tags")).json()["models"]] == [
         "mistral:latest"
     ]
-    server.models.clear()
+    model_server.models.clear()
     assert (await client.get("/api/tags")).json() == {"models": []}
 
 
@@ -349,8 +347,8 @@ async def test_version_and_root(client: httpx.AsyncClient) -> None:
 # -- OpenAI-compatible API ----------------------------------------------------------------------
 
 
-async def test_v1_sse_shape(client: httpx.AsyncClient, server: FakeModelServer) -> None:
-    server.script(Script(thinking=["Hmm"], tokens=["Hi", " there"]))
+async def test_v1_sse_shape(client: httpx.AsyncClient, model_server: FakeModelServer) -> None:
+    model_server.script(Script(thinking=["Hmm"], tokens=["Hi", " there"]))
     body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}}
     response, events = await sse(client, body)
     assert response.status_code == 200
@@ -390,9 +388,9 @@ async def test_v1_sse_without_usage(client: httpx.AsyncClient) -> None:
 
 
 async def test_v1_mid_stream_error_has_no_finish_or_done(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(tokens=["a", "b", "c"], fail_after=1))
+    model_server.script(Script(tokens=["a", "b", "c"], fail_after=1))
     response, events = await sse(client, {**HELLO, "stream": True})
     assert response.status_code == 200
     assert "[DONE]" not in events
@@ -403,9 +401,9 @@ async def test_v1_mid_stream_error_has_no_finish_or_done(
 
 
 async def test_v1_non_streaming_is_default(
-    client: httpx.AsyncClient, server: FakeModelServer
+    client: httpx.AsyncClient, model_server: FakeModelServer
 ) -> None:
-    server.script(Script(thinking=["r"], tokens=["Hi"]))
+    model_server.script(Script(thinking=["r"], tokens=["Hi"]))
     response = await client.post("/v1/chat/completions", json=HELLO)
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
@@ -422,7 +420,7 @@ async def test_v1_non_streaming_is_default(
     assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
 
 
-async def test_v1_errors(client: httpx.AsyncClient, server: FakeModelServer) -> None:
+async def test_v1_errors(client: httpx.AsyncClient, model_server: FakeModelServer) -> None:
     assert_openai_error(
         await client.post("/v1/chat/completions", json={**HELLO, "model": "nope"}),
         404,
@@ -435,7 +433,7 @@ async def test_v1_errors(client: httpx.AsyncClient, server: FakeModelServer) -> 
         "invalid_request_error",
         "[] is too short - 'messages'",
     )
-    server.script(Script(status=429, headers={"Retry-After": "30"}))
+    model_server.script(Script(status=429, headers={"Retry-After": "30"}))
     response = await client.post("/v1/chat/completions", json={**HELLO, "stream": True})
     assert_openai_error(
         response,
@@ -447,7 +445,7 @@ async def test_v1_errors(client: httpx.AsyncClient, server: FakeModelServer) -> 
     assert response.headers["retry-after"] == "30"
 
 
-async def test_v1_models(client: httpx.AsyncClient, server: FakeModelServer) -> None:
+async def test_v1_models(client: httpx.AsyncClient, model_server: FakeModelServer) -> None:
     body = (await client.get("/v1/models")).json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["llama3.2:latest", "qwen3:8b"]
@@ -456,7 +454,7 @@ async def test_v1_models(client: httpx.AsyncClient, server: FakeModelServer) -> 
         assert model["object"] == "model"
         assert isinstance(model["created"], int)
         assert model["owned_by"] == "library"
-    server.models = []
+    model_server.models = []
     response = await client.get("/v1/models")
     assert response.json() == {"object": "list", "data": None}
     assert b'"data":null' in response.content

@@ -16,7 +16,7 @@ from bot.http import add_routes
 from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer
 from tests.sinks import RecordingSink
-from tests.test_conversation import make_settings
+from tests.support import make_settings
 
 
 def turn(text: str) -> Turn:
@@ -33,19 +33,18 @@ async def own_redis() -> AsyncIterator[EmbeddedRedis]:
 
 @pytest.fixture
 async def stack(
-    own_redis: EmbeddedRedis,
+    own_redis: EmbeddedRedis, model_server: FakeModelServer
 ) -> AsyncIterator[tuple[Parley, FakeModelServer, str]]:
-    async with FakeModelServer() as models:
-        parley = await Parley.open(make_settings(own_redis.url, models))
-        add_routes(parley, lambda: {"slack": True})
-        runner = web.AppRunner(parley.http)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield parley, models, f"http://127.0.0.1:{port}"
-        await runner.cleanup()
-        await parley.aclose()
+    parley = await Parley.open(make_settings(own_redis.url, model_server))
+    add_routes(parley, lambda: {"slack": True})
+    runner = web.AppRunner(parley.http)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield parley, model_server, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+    await parley.aclose()
 
 
 async def test_health_and_readiness_when_all_is_well(

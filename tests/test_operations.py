@@ -4,46 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from bot.app import Parley
 from bot.conversation import Outcome, stop_token
-from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
-from tests.test_conversation import make_settings
-
-
-def turn(text: str, *, user: str = "U1", thread: str = "t1") -> Turn:
-    return Turn(ConversationKey("slack", "T1", "C1", thread), user, user, text, uuid.uuid4().hex)
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from tests.support import make_settings, turn, until
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as fake:
-        fake.default = Script(tokens=["word "] * 400, delay=0.01)
-        yield fake
+def model_server(model_server: FakeModelServer) -> FakeModelServer:
+    """The shared fake server, answering every question at length: long enough to stop."""
+    model_server.default = Script(tokens=["word "] * 400, delay=0.01)
+    return model_server
 
 
 @pytest.fixture
 async def open_parley(
-    redis_url: str, server: FakeModelServer
+    redis_url: str, model_server: FakeModelServer
 ) -> AsyncIterator[Callable[..., Awaitable[Parley]]]:
     opened: list[Parley] = []
 
     async def factory(**extra: object) -> Parley:
-        app = await Parley.open(make_settings(redis_url, server, **extra))
+        app = await Parley.open(make_settings(redis_url, model_server, **extra))
         opened.append(app)
         return app
 
@@ -53,7 +39,7 @@ async def open_parley(
 
 
 async def test_the_asker_can_stop_a_reply_and_generation_stops_upstream(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
     parley = await open_parley()
     sink = RecordingSink(min_edit_interval=0.05)
@@ -65,7 +51,7 @@ async def test_the_asker_can_stop_a_reply_and_generation_stops_upstream(
     assert await parley.conversation.stop(stop_token(asked), user_id="U1") is None
     assert await task is Outcome.STOPPED
     assert sink.messages[-1].endswith("_⏹ Stopped._")
-    await until(lambda: server.disconnects == 1)
+    await until(lambda: model_server.disconnects == 1)
     history = await parley.state.history(asked.key)
     assert history[-1].role == "assistant" and history[-1].content.startswith("word")
     again = await parley.conversation.stop(stop_token(asked), user_id="U1")
@@ -73,7 +59,7 @@ async def test_the_asker_can_stop_a_reply_and_generation_stops_upstream(
 
 
 async def test_a_stop_pressed_on_another_replica_reaches_the_reply(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
     replica_a, replica_b = await open_parley(), await open_parley()
     await asyncio.sleep(0.1)  # both stop listeners subscribed
@@ -86,12 +72,12 @@ async def test_a_stop_pressed_on_another_replica_reaches_the_reply(
 
 
 async def test_drain_lets_short_replies_finish_and_stops_the_rest_within_the_grace(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
     parley = await open_parley(rate_limit="100/minute", max_in_flight=50, backend_concurrency=50)
     sinks = [RecordingSink(min_edit_interval=0.2) for _ in range(20)]
     short = Script(tokens=["done"], delay=0.01)
-    server.script(*([short] * 5))  # five finish at once, fifteen would take 4 s
+    model_server.script(*([short] * 5))  # five finish at once, fifteen would take 4 s
     tasks = [
         asyncio.create_task(
             parley.conversation.handle(turn("go", user=f"U{i}", thread=f"t{i}"), sinks[i])
@@ -113,10 +99,10 @@ async def test_drain_lets_short_replies_finish_and_stops_the_rest_within_the_gra
 
 
 async def test_metrics_count_a_scripted_conversation(
-    open_parley: Callable[..., Awaitable[Parley]], server: FakeModelServer
+    open_parley: Callable[..., Awaitable[Parley]], model_server: FakeModelServer
 ) -> None:
     parley = await open_parley(rate_limit="2/minute")
-    server.script(Script(tokens=["a ", "b"]), Script(status=503))
+    model_server.script(Script(tokens=["a ", "b"]), Script(status=503))
     await parley.conversation.handle(turn("one"), RecordingSink())
     await parley.conversation.handle(turn("two"), RecordingSink())
     await parley.conversation.handle(turn("three"), RecordingSink())  # over the rate

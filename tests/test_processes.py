@@ -25,6 +25,7 @@ import pytest
 from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.model_server import FakeModelServer, Script
+from tests.support import mention
 
 PARLEY = Path(sys.executable).with_name("parley")  # the console script of this environment
 # The code under test is this working tree's: put it first on the children's path, whatever
@@ -40,12 +41,6 @@ pytestmark = pytest.mark.skipif(not PARLEY.exists(), reason=f"no console script 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord() as server:
-        yield server
-
-
-@pytest.fixture
-async def models() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as server:
         yield server
 
 
@@ -154,10 +149,6 @@ def people_and_places(fake: FakeDiscord, count: int) -> list[tuple[Json, str]]:
     return [(fake.add_user(f"user{i}"), fake.add_channel(f"room-{i}")) for i in range(count)]
 
 
-def mention(fake: FakeDiscord) -> str:
-    return f"<@{fake.bot['id']}>"
-
-
 def last_edit(fake: FakeDiscord, message: Json) -> Json:
     [*_, edit] = fake.calls("PATCH", f"/channels/{message['channel_id']}/messages/{message['id']}")
     body: Json = edit.json
@@ -177,13 +168,13 @@ async def all_of(
 
 
 async def test_sigterm_with_20_replies_streaming_finalises_every_one_and_exits_0(
-    tmp_path: Path, redis_url: str, fake: FakeDiscord, models: FakeModelServer
+    tmp_path: Path, redis_url: str, fake: FakeDiscord, model_server: FakeModelServer
 ) -> None:
     pairs = people_and_places(fake, 20)
     words = ["word "] * 300  # 6 s of answer: still streaming when the grace period ends
-    models.default = Script(tokens=words, delay=0.02)
+    model_server.default = Script(tokens=words, delay=0.02)
     whole = "".join(words).strip()
-    env = environment(fake, models, redis_url, tmp_path)
+    env = environment(fake, model_server, redis_url, tmp_path)
 
     async with parley_run(tmp_path, "replica", env) as replica:
         print(f"connected after {await connected(fake, replica):.2f}s")
@@ -204,19 +195,19 @@ async def test_sigterm_with_20_replies_streaming_finalises_every_one_and_exits_0
         assert content.endswith(STOPPED) or content == whole, content
         assert reply["components"] == []  # the Stop button is gone: its final edit was made
         assert last_edit(fake, reply)["components"] == []
-    assert models.completed + models.disconnects == 20
-    assert len(models.chat_requests) == 20
+    assert model_server.completed + model_server.disconnects == 20
+    assert len(model_server.chat_requests) == 20
 
 
 # --- replicas -------------------------------------------------------------------------------
 
 
 async def test_two_replicas_on_one_redis_answer_each_twice_delivered_event_once(
-    tmp_path: Path, redis_url: str, fake: FakeDiscord, models: FakeModelServer
+    tmp_path: Path, redis_url: str, fake: FakeDiscord, model_server: FakeModelServer
 ) -> None:
     pairs = people_and_places(fake, 10)
-    models.default = Script(delay=0.01)  # echoes: "You said: <question>"
-    env = environment(fake, models, redis_url, tmp_path)
+    model_server.default = Script(delay=0.01)  # echoes: "You said: <question>"
+    env = environment(fake, model_server, redis_url, tmp_path)
 
     async with AsyncExitStack() as stack:
         replicas = [await stack.enter_async_context(parley_run(tmp_path, n, env)) for n in "ab"]
@@ -242,4 +233,4 @@ async def test_two_replicas_on_one_redis_answer_each_twice_delivered_event_once(
         [reply] = fake.replies_to(question["id"])
         assert reply["content"] == answer[question["id"]]
         assert reply["components"] == []
-    assert len(models.chat_requests) == 10
+    assert len(model_server.chat_requests) == 10

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,6 +14,7 @@ from bot.errors import BackendStreamError, BackendUnreachable, ModelNotFound
 from bot.router import CatalogEntry, Generation, Router
 from bot.settings import BackendConfig
 from tests.fakes.model_server import FakeModelServer, Script
+from tests.support import until
 
 HELLO = [Message("user", "hello")]
 TIMEOUTS = Timeouts(connect=2, first_chunk=5, idle=5)
@@ -51,14 +51,6 @@ async def router(first: FakeModelServer, second: FakeModelServer) -> AsyncIterat
 
 async def text_of(generation: Generation) -> str:
     return "".join([c.text async for c in generation if isinstance(c, Content)])
-
-
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll until `condition` holds, failing after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # --- catalog and naming ---------------------------------------------------------------------
@@ -274,5 +266,5 @@ async def test_closing_a_generation_disconnects_so_the_model_stops(
     first.script(Script(tokens=["x"] * 40, delay=0.05))
     generation = await router.open("llama3.2", HELLO)
     await generation.aclose()
-    await eventually(lambda: first.disconnects == 1)
+    await until(lambda: first.disconnects == 1, within=2.0)
     assert first.completed == 0

@@ -16,7 +16,7 @@ from bot.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer
 from tests.sinks import RecordingSink
-from tests.test_conversation import make_settings
+from tests.support import make_settings
 
 
 @pytest.fixture
@@ -52,19 +52,20 @@ async def sentinel_url(tmp_path: Path) -> AsyncIterator[str]:
         await master.stop()
 
 
-async def test_parley_finds_the_master_through_sentinel(sentinel_url: str) -> None:
-    async with FakeModelServer() as models:
-        parley = await Parley.open(make_settings(sentinel_url, models))
-        try:
-            key = ConversationKey("slack", "T1", "C1", "t")
-            sink = RecordingSink()
-            done = await parley.conversation.handle(
-                Turn(key, "U1", "ada", "hello", uuid.uuid4().hex), sink
-            )
-            assert done is Outcome.COMPLETE
-            assert [e.content for e in await parley.state.history(key)] == [
-                "hello",
-                "You said: hello",
-            ]
-        finally:
-            await parley.aclose()
+async def test_parley_finds_the_master_through_sentinel(
+    sentinel_url: str, model_server: FakeModelServer
+) -> None:
+    parley = await Parley.open(make_settings(sentinel_url, model_server))
+    try:
+        key = ConversationKey("slack", "T1", "C1", "t")
+        sink = RecordingSink()
+        done = await parley.conversation.handle(
+            Turn(key, "U1", "ada", "hello", uuid.uuid4().hex), sink
+        )
+        assert done is Outcome.COMPLETE
+        assert [e.content for e in await parley.state.history(key)] == [
+            "hello",
+            "You said: hello",
+        ]
+    finally:
+        await parley.aclose()

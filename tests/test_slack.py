@@ -3,11 +3,10 @@ against a fake Slack Web API and a fake Ollama on loopback, with a real Redis.""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from adapters.slack_text import JOINER
 from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
-from bot.settings import Settings
 from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
 from tests.fakes.slack import (
@@ -36,6 +34,7 @@ from tests.fakes.slack import (
     ApiCall,
     FakeSlack,
 )
+from tests.support import make_settings, until
 
 INTERVAL = 0.2
 CHANNEL = "C0GENERAL"
@@ -63,21 +62,14 @@ async def slack() -> AsyncIterator[FakeSlack]:
         yield fake
 
 
-@pytest.fixture
-async def model() -> AsyncIterator[FakeModelServer]:
-    async with FakeModelServer() as server:
-        yield server
-
-
 @asynccontextmanager
 async def slack_bot(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str, **overrides: Any
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str, **overrides: Any
 ) -> AsyncIterator[Bot]:
     """One Parley process with the Slack adapter started, as `parley run` would run it."""
-    settings = Settings(
-        _env_file=None,
-        redis_url=redis_url,
-        backends=[{"name": "local", "kind": "ollama", "url": model.url}],
+    settings = make_settings(
+        redis_url,
+        model_server,
         edit_interval=INTERVAL,
         slack_bot_token=BOT_TOKEN,
         slack_api_url=slack.api_url,
@@ -198,12 +190,12 @@ def updates_of(slack: FakeSlack, ts: str) -> list[ApiCall]:
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
     tokens = word_pieces(REPLY)
-    model.script(Script(tokens=tokens, delay=0.01))
+    model_server.script(Script(tokens=tokens, delay=0.01))
     slack.echo = True  # Slack sends our own posts and edits back to us as events
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         slack.http_event_url = bot.events_url
         mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
         await send_event(slack, bot, mention)
@@ -234,14 +226,14 @@ async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
     assert stats.remaining == budget.amount - len(edits)
     # our own post and edits came back as events and none of them was answered
     assert echoes == 1 + len(edits)
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2
     assert len(slack.calls_to("chat.postMessage")) == 2
 
 
 async def test_follow_up_in_the_thread_is_answered_with_the_earlier_exchange(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(
             f"<@{BOT_USER_ID}> say hi to <@U0BOB>", event_type="app_mention"
         )
@@ -255,7 +247,7 @@ async def test_follow_up_in_the_thread_is_answered_with_the_earlier_exchange(
         second = "You said: Bob Builder: and to Carol?"
         await reply_in_thread(slack, mention["ts"], f"{first}\n\n{second}")
 
-    messages = model.chat_requests[-1]["messages"]
+    messages = model_server.chat_requests[-1]["messages"]
     said = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
     assert said == [
         ("user", "Alice: say hi to @Bob Builder"),
@@ -265,10 +257,10 @@ async def test_follow_up_in_the_thread_is_answered_with_the_earlier_exchange(
 
 
 async def test_a_follow_up_sent_while_the_reply_streams_is_answered_next(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
         await send_event(slack, bot, mention)
         await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
@@ -278,9 +270,11 @@ async def test_a_follow_up_sent_while_the_reply_streams_is_answered_next(
 
 
 async def test_thread_chatter_is_ignored_where_the_bot_never_answered_or_followups_are_off(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "socket", slack_thread_followups=False) as bot:
+    async with slack_bot(
+        slack, model_server, redis_url, "socket", slack_thread_followups=False
+    ) as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], "You said: hello")
@@ -293,13 +287,13 @@ async def test_thread_chatter_is_ignored_where_the_bot_never_answered_or_followu
         await send_event(slack, bot, again)
         await reply_in_thread(slack, mention["ts"], "You said: hello\n\nYou said: again")
 
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2
 
 
 async def test_direct_messages_are_answered_in_place(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "http") as bot:
+    async with slack_bot(slack, model_server, redis_url, "http") as bot:
         dm = slack.user_message("hello there", channel="D0ALICE")
         await send_event(slack, bot, dm)
         await slack.wait_for(
@@ -311,10 +305,10 @@ async def test_direct_messages_are_answered_in_place(
 
 
 async def test_stopping_the_adapter_mid_reply_leaves_it_marked_stopped(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.05))
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.05))
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> go on", event_type="app_mention")
         await send_event(slack, bot, mention)
         await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
@@ -324,13 +318,6 @@ async def test_stopping_the_adapter_mid_reply_leaves_it_marked_stopped(
 
 
 # --- the Stop button ------------------------------------------------------------------------
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for what no Slack call shows (the model server's counters)."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def streaming(slack: FakeSlack, bot: Bot, text: str) -> tuple[dict[str, Any], str]:
@@ -344,10 +331,10 @@ async def streaming(slack: FakeSlack, bot: Bot, text: str) -> tuple[dict[str, An
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_a_streaming_reply_carries_a_stop_button_until_its_last_edit(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], REPLY)
@@ -369,14 +356,14 @@ async def test_a_streaming_reply_carries_a_stop_button_until_its_last_edit(
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_stop_pressed_by_the_asker_ends_the_reply_and_generation(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         mention, ts = await streaming(slack, bot, "go on")
         await send_action(slack, bot, slack.button_payload(CHANNEL, ts, STOP_ACTION))
         await slack.wait_for(lambda: thread_text(slack, mention["ts"]).endswith(STOPPED))
-        await until(lambda: model.disconnects == 1)  # generation stopped upstream
+        await until(lambda: model_server.disconnects == 1)  # generation stopped upstream
         text = thread_text(slack, mention["ts"])
         assert REPLY.startswith(text.removesuffix(STOPPED).strip()[:100])
         assert len(text) < len(REPLY * 3)
@@ -386,14 +373,14 @@ async def test_stop_pressed_by_the_asker_ends_the_reply_and_generation(
         await send_event(slack, bot, follow_up)
         await slack.wait_for(lambda: "You said: thanks" in thread_text(slack, mention["ts"]))
     assert slack.calls_to("chat.postEphemeral") == []
-    assert model.completed == 1  # only the follow-up ran to its end
+    assert model_server.completed == 1  # only the follow-up ran to its end
 
 
 async def test_stop_pressed_by_someone_else_is_refused_only_to_them(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.03))
-    async with slack_bot(slack, model, redis_url, "http") as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.03))
+    async with slack_bot(slack, model_server, redis_url, "http") as bot:
         mention, ts = await streaming(slack, bot, "explain Redis")
         await send_action(slack, bot, slack.button_payload(CHANNEL, ts, STOP_ACTION, user="U0BOB"))
         await slack.wait_for(lambda: bool(slack.calls_to("chat.postEphemeral")))
@@ -404,22 +391,24 @@ async def test_stop_pressed_by_someone_else_is_refused_only_to_them(
     assert notice.params["channel"] == CHANNEL
     assert notice.params["thread_ts"] == mention["ts"]
     assert "Only the person who asked" in notice.params["markdown_text"]
-    assert model.disconnects == 0 and model.completed == 1
+    assert model_server.disconnects == 0 and model_server.completed == 1
 
 
 async def test_stop_on_a_reply_another_replica_writes_reaches_it(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
+    model_server.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03))
     async with AsyncExitStack() as stack:
-        writer = await stack.enter_async_context(slack_bot(slack, model, redis_url, "socket"))
-        other = await stack.enter_async_context(slack_bot(slack, model, redis_url, "socket"))
+        writer = await stack.enter_async_context(
+            slack_bot(slack, model_server, redis_url, "socket")
+        )
+        other = await stack.enter_async_context(slack_bot(slack, model_server, redis_url, "socket"))
         mention, ts = await streaming(slack, writer, "go on")
         payload = slack.button_payload(CHANNEL, ts, STOP_ACTION)
         envelope = await slack.send_envelope("interactive", payload, connection=other.connection)
         await slack.acked(envelope)
         await slack.wait_for(lambda: thread_text(slack, mention["ts"]).endswith(STOPPED))
-        await until(lambda: model.disconnects == 1)
+        await until(lambda: model_server.disconnects == 1)
 
 
 # --- exactly once ---------------------------------------------------------------------------
@@ -427,9 +416,9 @@ async def test_stop_on_a_reply_another_replica_writes_reaches_it(
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_a_retried_or_doubly_delivered_mention_is_answered_once(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         text = f"<@{BOT_USER_ID}> count to three"
         mention = slack.user_message(text, event_type="app_mention")
         await send_event(slack, bot, mention, event_id="Ev0MENTION")
@@ -445,14 +434,14 @@ async def test_a_retried_or_doubly_delivered_mention_is_answered_once(
         await reply_in_thread(slack, other["ts"], "You said: next")
 
     assert len(slack.thread(CHANNEL, mention["ts"])) == 1
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2
 
 
 async def test_a_mention_delivered_twice_counts_once_against_the_users_limits(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     """Slack sends every channel mention as `app_mention` and as `message`: one request."""
-    async with slack_bot(slack, model, redis_url, "socket", rate_limit="2/minute") as bot:
+    async with slack_bot(slack, model_server, redis_url, "socket", rate_limit="2/minute") as bot:
         for text in ("first", "second"):
             mention = slack.user_message(f"<@{BOT_USER_ID}> {text}", event_type="app_mention")
             await send_event(slack, bot, mention)
@@ -463,11 +452,11 @@ async def test_a_mention_delivered_twice_counts_once_against_the_users_limits(
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_two_instances_sharing_redis_answer_one_event_once(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(slack_bot(slack, model, redis_url, mode))
-        second = await stack.enter_async_context(slack_bot(slack, model, redis_url, mode))
+        first = await stack.enter_async_context(slack_bot(slack, model_server, redis_url, mode))
+        second = await stack.enter_async_context(slack_bot(slack, model_server, redis_url, mode))
         mention = slack.user_message(f"<@{BOT_USER_ID}> only once", event_type="app_mention")
         await send_event(slack, first, mention, event_id="Ev0ONCE")
         await send_event(slack, second, mention, event_id="Ev0ONCE", retry=1)
@@ -477,13 +466,13 @@ async def test_two_instances_sharing_redis_answer_one_event_once(
         await reply_in_thread(slack, other["ts"], "You said: later")
 
     assert len(slack.thread(CHANNEL, mention["ts"])) == 1
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2
 
 
 async def test_a_forged_signature_gets_401_and_nothing_is_posted(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "http") as bot:
+    async with slack_bot(slack, model_server, redis_url, "http") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> hi", event_type="app_mention")
         raw = json.dumps(slack.event_body(mention))
         kind = "application/json"
@@ -496,14 +485,14 @@ async def test_a_forged_signature_gets_401_and_nothing_is_posted(
         )
     assert [r[0] for r in (forged, replayed, unsigned, forged_command)] == [401] * 4
     assert slack.calls_to("chat.postMessage") == []
-    assert model.chat_requests == []
+    assert model_server.chat_requests == []
 
 
 async def test_the_request_url_check_is_answered_with_its_challenge(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     """What Slack sends when the Request URL is entered in the app settings."""
-    async with slack_bot(slack, model, redis_url, "http") as bot:
+    async with slack_bot(slack, model_server, redis_url, "http") as bot:
         check = {"token": "legacy", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY", "type": ""}
         check["type"] = "url_verification"
         status, body = await slack.post_event(bot.events_url, check)
@@ -514,12 +503,12 @@ async def test_the_request_url_check_is_answered_with_its_challenge(
 
 
 async def test_broadcasts_in_model_output_reach_slack_neutralised(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     tokens = ["Attention ", "<!chan", "nel>", " and ", "<!here|here>", ", also ", "@every"]
     tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "!"]
-    model.script(Script(tokens=tokens, delay=0.01))
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    model_server.script(Script(tokens=tokens, delay=0.01))
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> shout", event_type="app_mention")
         await send_event(slack, bot, mention)
         final = (
@@ -535,10 +524,10 @@ async def test_broadcasts_in_model_output_reach_slack_neutralised(
 
 
 async def test_backend_errors_appear_in_the_thread(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(status=503))
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    model_server.script(Script(status=503))
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> hi", event_type="app_mention")
         await send_event(slack, bot, mention)
         await slack.wait_for(lambda: "busy" in thread_text(slack, mention["ts"]))
@@ -546,9 +535,9 @@ async def test_backend_errors_appear_in_the_thread(
 
 
 async def test_a_rate_limited_user_gets_an_ephemeral_notice_with_the_wait(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "socket", rate_limit="1/minute") as bot:
+    async with slack_bot(slack, model_server, redis_url, "socket", rate_limit="1/minute") as bot:
         first = slack.user_message(f"<@{BOT_USER_ID}> one", event_type="app_mention")
         await send_event(slack, bot, first)
         await reply_in_thread(slack, first["ts"], "You said: one")
@@ -565,11 +554,11 @@ async def test_a_rate_limited_user_gets_an_ephemeral_notice_with_the_wait(
 
 
 async def test_429s_on_chat_update_slow_the_edits_and_the_whole_text_still_lands(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.01))
     slack.rate_limit("chat.update", times=2, retry_after=0.3)
-    async with slack_bot(slack, model, redis_url, "http") as bot:
+    async with slack_bot(slack, model_server, redis_url, "http") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> tell me", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], REPLY)
@@ -583,7 +572,7 @@ async def test_429s_on_chat_update_slow_the_edits_and_the_whole_text_still_lands
 
 
 async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     sentence = "Each paragraph of this answer talks about one part of the system in detail. "
     paragraphs = [f"{i}. " + sentence * 5 + "That is all for this part." for i in range(20)]
@@ -591,8 +580,8 @@ async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
     assert len(long_reply) > 8000
     words = word_pieces(long_reply)
     pieces = ["".join(words[i : i + 8]) for i in range(0, len(words), 8)]
-    model.script(Script(tokens=pieces, delay=0.003))  # streaming while pages fill and spill
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    model_server.script(Script(tokens=pieces, delay=0.003))  # streaming while pages fill and spill
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> essay", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], long_reply)
@@ -620,10 +609,12 @@ async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
 
 
 async def test_native_streaming_appends_in_the_thread_and_shows_a_status_while_loading(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.01, first_delay=0.2))
-    async with slack_bot(slack, model, redis_url, "socket", slack_native_streaming=True) as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.01, first_delay=0.2))
+    async with slack_bot(
+        slack, model_server, redis_url, "socket", slack_native_streaming=True
+    ) as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> stream it", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], REPLY)
@@ -644,10 +635,12 @@ async def test_native_streaming_appends_in_the_thread_and_shows_a_status_while_l
 
 
 async def test_an_expired_native_stream_falls_back_to_edits_and_completes(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    model.script(Script(tokens=word_pieces(REPLY), delay=0.01))
-    async with slack_bot(slack, model, redis_url, "socket", slack_native_streaming=True) as bot:
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.01))
+    async with slack_bot(
+        slack, model_server, redis_url, "socket", slack_native_streaming=True
+    ) as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> stream it", event_type="app_mention")
         await send_event(slack, bot, mention)
         await slack.wait_for(lambda: bool(slack.ok_calls_to("chat.appendStream")))
@@ -671,9 +664,9 @@ def menu(response: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_slash_model_lists_sets_and_rejects_with_suggestions(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         listing = await send_command(slack, bot, "/model")
         assert listing["response_type"] == "ephemeral"
         assert "llama3.2:latest" in listing["text"] and "qwen3:8b" in listing["text"]
@@ -690,14 +683,14 @@ async def test_slash_model_lists_sets_and_rejects_with_suggestions(
         mention = slack.user_message(f"<@{BOT_USER_ID}> which model?", event_type="app_mention")
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], "You said: which model?")
-    assert model.chat_requests[-1]["model"] == "qwen3:8b"
+    assert model_server.chat_requests[-1]["model"] == "qwen3:8b"
 
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_the_model_menu_sets_the_channels_model(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str, mode: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, mode) as bot:
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
         await send_action(slack, bot, slack.select_payload(MODEL_SELECT, "qwen3:8b"))
         await slack.wait_for(lambda: bool(slack.responses))
         (answer,) = slack.responses
@@ -711,9 +704,9 @@ async def test_the_model_menu_sets_the_channels_model(
 
 
 async def test_reset_and_help_answer_ephemerally(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
-    async with slack_bot(slack, model, redis_url, "socket") as bot:
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         for text in ("remember me", "and this"):  # the second starts once the first is saved
             await send_event(slack, bot, slack.user_message(text, channel="D0ALICE"))
             await slack.wait_for(
@@ -729,7 +722,7 @@ async def test_reset_and_help_answer_ephemerally(
         in_thread = slack.user_message(f"<@{BOT_USER_ID}> model qwen3:8b", event_type="app_mention")
         await send_event(slack, bot, in_thread)
         await slack.wait_for(lambda: "qwen3:8b" in thread_text(slack, in_thread["ts"]))
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2
 
 
 def test_the_manifest_declares_what_the_adapter_handles() -> None:
@@ -753,12 +746,12 @@ def test_the_manifest_declares_what_the_adapter_handles() -> None:
 
 
 async def test_streaming_edits_leave_part_of_the_workspace_budget_to_final_edits(
-    slack: FakeSlack, model: FakeModelServer, redis_url: str
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     from adapters.slack import SlackSink
     from bot.turn import PlatformRateLimited
 
-    async with slack_bot(slack, model, redis_url, "http", slack_update_budget=5) as bot:
+    async with slack_bot(slack, model_server, redis_url, "http", slack_update_budget=5) as bot:
         sink = SlackSink(
             adapter=bot.adapter,
             team_id=TEAM_ID,
@@ -782,14 +775,14 @@ async def test_streaming_edits_leave_part_of_the_workspace_budget_to_final_edits
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
-    slack: FakeSlack, model: FakeModelServer, mode: str, caplog: pytest.LogCaptureFixture
+    slack: FakeSlack, model_server: FakeModelServer, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     unavailable = describe(StateUnavailable())
     redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
     await redis.start()
     try:
-        async with slack_bot(slack, model, redis.url, mode) as bot:
+        async with slack_bot(slack, model_server, redis.url, mode) as bot:
             first = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
             await send_event(slack, bot, first)
             await reply_in_thread(slack, first["ts"], "You said: hello")
@@ -816,4 +809,4 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
     told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
     assert len(told) == 3 and all(r.levelno == logging.ERROR for r in told)
-    assert len(model.chat_requests) == 2
+    assert len(model_server.chat_requests) == 2

@@ -1,0 +1,85 @@
+"""What several test modules share: waiting for a condition, Parley's settings, small builders.
+
+Fixtures live in conftest.py (pytest finds them there); this module holds plain functions that
+test modules import. Test modules import from here, tests.sinks and tests.fakes — never from
+one another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bot.settings import Settings
+from bot.turn import ConversationKey, Turn
+from tests.fakes.discord import FakeDiscord
+from tests.fakes.model_server import FakeModelServer
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], *, within: float = 5.0) -> None:
+    """Poll `condition` (plain or async) until it holds; fail the test after `within` seconds.
+
+    For what no fake records a request for (a model server's counters, the core's state); where
+    a fake does, its own `wait_for` wakes on the request instead of polling.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        answer = condition()
+        if await answer if inspect.isawaitable(answer) else answer:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.01)
+
+
+def make_settings(
+    redis_url: str, model_server: FakeModelServer | str, **overrides: Any
+) -> Settings:
+    """Parley's settings in a test: this Redis, one Ollama backend (a fake server or any URL),
+    edits every 50 ms and a short system prompt; `overrides` set any other setting by name."""
+    url = model_server if isinstance(model_server, str) else model_server.url
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "backends": [{"name": "local", "kind": "ollama", "url": url}],
+        "edit_interval": 0.05,
+        "system_prompt": "Be brief.",
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def discord_settings(
+    redis_url: str, model_server: FakeModelServer | str, fake: FakeDiscord, **overrides: Any
+) -> Settings:
+    """`make_settings` with Parley's Discord adapter connected to a fake Discord."""
+    return make_settings(
+        redis_url,
+        model_server,
+        discord_token=fake.token,
+        discord_api_url=fake.api_url,
+        discord_gateway_url=fake.gateway_url,
+        **overrides,
+    )
+
+
+def mention(fake: FakeDiscord) -> str:
+    """The bot's mention in Discord's markup, as a person types it to address the bot."""
+    return f"<@{fake.bot['id']}>"
+
+
+def turn(text: str, *, user: str = "U1", thread: str = "t1", event: str = "") -> Turn:
+    """A Slack message from `user` (who is also its display name) in thread `thread`."""
+    key = ConversationKey("slack", "T1", "C1", thread)
+    return Turn(key, user, user, text, event or uuid.uuid4().hex)
+
+
+def closed_url() -> str:
+    """An http:// URL on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
