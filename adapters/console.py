@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from bot.app import Parley
-from bot.turn import ConversationKey, MessageRef, Turn
+from bot.turn import ConversationKey, Frame, MessageRef, Turn, WaitingState
 
 PROMPT = "you> "
 
@@ -33,19 +33,19 @@ class ConsoleSink:
     messages: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
-    async def post(self, text: str, *, final: bool = True) -> MessageRef:
-        self.messages.append(text)
+    async def post(self, frame: Frame) -> MessageRef:
+        self.messages.append(frame.text)
         self._refresh()
         return MessageRef(str(len(self.messages) - 1))
 
-    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        self.messages[int(ref.id)] = text
+    async def edit(self, ref: MessageRef, frame: Frame) -> None:
+        self.messages[int(ref.id)] = frame.text
         self._refresh()
 
     async def notify(self, text: str) -> None:
         self.notices.append(text)
 
-    async def show_waiting(self, state: str) -> None:
+    async def show_waiting(self, state: WaitingState) -> None:
         return None  # the placeholder says it
 
     def _refresh(self) -> None:

@@ -2,8 +2,9 @@
 
 Decisions (who may talk, which conversation, what the model reads) are in `discord_logic`;
 everything about answering is the core's. This module only translates, and keeps Discord safe:
-no send or edit can ping anyone, edits stay within a per-channel budget shared by every stream
-and replica, and rate limits are waited out, never retried blindly.
+no send or edit can ping anyone, each message declares its channel's edit budget (which the
+core shares among the replies streaming there), and rate limits are waited out, never retried
+blindly.
 """
 
 from __future__ import annotations
@@ -41,9 +42,17 @@ from adapters.discord_logic import (
 from bot.app import Parley
 from bot.commands import CommandReply, parse_text_command
 from bot.conversation import stop_token
-from bot.ratelimit import Limiter
-from bot.streaming import split_message
-from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, ReplyChain, Turn
+from bot.markdown import split_message
+from bot.turn import (
+    ConversationKey,
+    EditBudget,
+    Frame,
+    MessageRef,
+    PlatformRateLimited,
+    ReplyChain,
+    Turn,
+    WaitingState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +60,9 @@ log = logging.getLogger(__name__)
 # the model writes (`@everyone`, `<@id>`, `<@&role>`).
 NO_PINGS = discord.AllowedMentions.none()
 
-# Edits per channel per window, shared by every reply streaming in that channel on every replica
-# (Redis moving window). Discord no longer documents the edit limit; in practice a channel takes
-# about one edit a second, in short bursts. Five per five seconds keeps the long-run rate at one
-# a second. Streaming edits may take all but one of them (a second, stricter window of their
-# own), so a final edit — a stopped or finished reply, a page split — always finds an edit left
-# and goes out at once instead of waiting up to a whole window behind the stream it ends.
+# Edits per channel per window, shared by every reply streaming in that channel on every replica.
+# Discord no longer documents the edit limit; in practice a channel takes about one edit a
+# second, in short bursts: five per five seconds keeps the long-run rate at one a second.
 # discord.py still honours each bucket's X-RateLimit-* headers and 429s on top of this.
 EDIT_BUDGET = (5, 5)
 # Rate limits longer than this surface as discord.RateLimited (→ PlatformRateLimited) instead
@@ -150,7 +156,6 @@ class DiscordSink:
     """Posts and edits one reply in one channel or thread (see bot.turn.ReplySink)."""
 
     channel: Channel
-    limiter: Limiter
     min_edit_interval: float
     reply_to: discord.Message | None  # the question; the first page replies to it
     edit_budget: tuple[int, int] = EDIT_BUDGET
@@ -159,46 +164,31 @@ class DiscordSink:
     _last: discord.Message | None = None
     _typing: bool = True
 
-    async def post(self, text: str, *, final: bool = True) -> MessageRef:
-        """Post a page; while it is being written (`final=False`) it carries the Stop button,
-        which its final edit takes off."""
-        view = StopButton(self.stop_token) if not final and self.stop_token else None
+    async def post(self, frame: Frame) -> MessageRef:
+        """Post a page; while it is being written (a frame not final) it carries the Stop
+        button, which its final edit takes off."""
+        view = StopButton(self.stop_token) if not frame.final and self.stop_token else None
         # later pages reply to the page before, so the reply reads as one chain
         try:
-            sent = await _send(self.channel, text, reply_to=self._last or self.reply_to, view=view)
+            sent = await _send(
+                self.channel, frame.text, reply_to=self._last or self.reply_to, view=view
+            )
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
         self._last = sent
-        return MessageRef(str(sent.id), str(self.channel.id))
+        count, seconds = self.edit_budget
+        budget = EditBudget(f"discord:edits:{self.channel.id}", count, seconds)
+        return MessageRef(str(sent.id), str(self.channel.id), budget)
 
-    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        await self._take_edit(ref.channel, final=final)
+    async def edit(self, ref: MessageRef, frame: Frame) -> None:
         message = self.channel.get_partial_message(int(ref.id))
         try:
-            if final:  # the page is done: take the Stop button off (`components: []`)
-                await message.edit(content=text, allowed_mentions=NO_PINGS, view=None)
+            if frame.final:  # the page is done: take the Stop button off (`components: []`)
+                await message.edit(content=frame.text, allowed_mentions=NO_PINGS, view=None)
             else:  # leaves the components as they are
-                await message.edit(content=text, allowed_mentions=NO_PINGS)
+                await message.edit(content=frame.text, allowed_mentions=NO_PINGS)
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
-
-    async def _take_edit(self, channel: str, *, final: bool) -> None:
-        """Take an edit from the channel's shared budget, or raise PlatformRateLimited.
-
-        Streaming edits leave one edit of the window to final edits. And a streaming edit the
-        budget refuses asks to be tried again after one edit interval, not after the window's
-        wait: the renderer holds *every* later edit of the reply, the final one included, for
-        as long as a PlatformRateLimited says, and this is our own soft budget, not Discord
-        forbidding the edit. (Trying again costs a Redis call per interval, as streaming does.)
-        """
-        count, seconds = self.edit_budget
-        if not final and count > 1:
-            wait = await self.limiter.budget_wait(f"discord:stream:{channel}", count - 1, seconds)
-            if wait > 0:
-                raise PlatformRateLimited(min(wait, self.min_edit_interval))
-        wait = await self.limiter.budget_wait(f"discord:edit:{channel}", count, seconds)
-        if wait > 0:
-            raise PlatformRateLimited(wait if final else min(wait, self.min_edit_interval))
 
     async def notify(self, text: str) -> None:
         # Discord has no ephemeral reply to a message: answer the asker, pinging nobody
@@ -207,7 +197,7 @@ class DiscordSink:
         except discord.HTTPException as e:
             log.warning("could not send a notice in channel %s: %s", self.channel.id, e)
 
-    async def show_waiting(self, state: str) -> None:
+    async def show_waiting(self, state: WaitingState) -> None:
         if not self._typing:
             return
         try:
@@ -478,7 +468,6 @@ class DiscordAdapter:
         )
         sink = DiscordSink(
             channel,
-            self.parley.limiter,
             self.settings.edit_interval,
             reply_to=message,
             edit_budget=self.edit_budget,

@@ -2,8 +2,9 @@
 
 Socket Mode when an app-level token is set, else HTTP mode on the process's HTTP server
 (`/slack/events`). Everything about what to answer and how lives in the core; this module only
-translates: events → `Turn`, one post/edit → one Slack call (neutralised, within the workspace's
-shared `chat.update` budget), slash commands and the model menu → `Conversation.command`.
+translates: events → `Turn`, a frame → one Slack call (neutralised; its message declares the
+workspace's `chat.update` budget, which the core keeps), slash commands and the model menu →
+`Conversation.command`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -30,15 +31,18 @@ from adapters.slack_text import classify, mentioned_user_ids, neutralise, settle
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
 from bot.conversation import CommandReply, stop_token
-from bot.streaming import (
-    CURSOR,
-    PLACEHOLDER,
-    THINKING,
-    fence_closer,
-    open_fence,
-    split_message,
+from bot.markdown import split_message
+from bot.turn import (
+    ConversationKey,
+    EditBudget,
+    Frame,
+    MessageRef,
+    Phase,
+    PlatformRateLimited,
+    Turn,
+    WaitingState,
+    message,
 )
-from bot.turn import ConversationKey, MessageRef, PlatformRateLimited, Turn
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ NAME_TTL = 3600.0
 NAME_RETRY = 60.0  # an unknown or failed user id is tried again after this long
 STATUS_REPEAT = 90.0  # assistant status clears itself after two minutes
 STATUS_TEXT = {"loading": "is loading the model…", "thinking": "is thinking…"}
+UPDATE_WINDOW = 60.0  # chat.update is Tier 3: a budget per minute, per workspace
+APPEND_STREAM_BUDGET = 100  # chat.appendStream is Tier 4: 100+ a minute, per workspace
 # errors after which the status indicator is not worth trying again in this process
 _STATUS_FATAL = {"missing_scope", "not_allowed_token_type", "method_deprecated", "unknown_method"}
 
@@ -69,16 +75,6 @@ def _retry_after(error: SlackApiError) -> float | None:
         return max(0.0, float(error.response.headers.get("Retry-After", "1")))
     except ValueError:
         return 1.0
-
-
-def _streamed_text(shown: str) -> str:
-    """The model's text inside a mid-stream rendering (no cursor, no temporary fence closer)."""
-    body = shown.removesuffix(CURSOR)
-    head, newline, last = body.rpartition("\n")
-    fence = open_fence(head) if newline else None
-    if fence is not None and last == fence_closer(fence):
-        return head
-    return body
 
 
 def _with_blocks(safe: str, stop: str | None) -> dict[str, Any]:
@@ -172,27 +168,33 @@ class SlackSink:
     async def _safe(self, text: str) -> str:
         return neutralise(text, names=await self.adapter.names.resolve(text))
 
-    async def _content(self, text: str, *, button: bool, final: bool) -> dict[str, Any]:
+    def _budget(self, method: str, count: int) -> EditBudget:
+        return EditBudget(f"slack:{method}:{self.team_id}", count, UPDATE_WINDOW)
+
+    async def _content(self, frame: Frame, *, editing: bool) -> dict[str, Any]:
         """The message's content arguments: blocks with a Stop button while it is written; on
         its last edit blocks without it (chat.update keeps earlier blocks unless `blocks` is
-        given); else `markdown_text` alone."""
-        safe = await self._safe(text)
-        if self.stop_token and button:
+        given); else `markdown_text` alone. Mid-stream, an unfinished `<…` or `@word` at the
+        end waits for the text that decides what it is."""
+        if frame.phase is Phase.STREAMING:
+            frame = replace(frame, body=settled(frame.body))
+        safe = await self._safe(frame.text)
+        if self.stop_token and not frame.final:
             return _with_blocks(safe, self.stop_token)
-        if self.stop_token and final:
+        if self.stop_token and editing:
             return _with_blocks(safe, None)
         return {"markdown_text": safe}
 
-    async def post(self, text: str, *, final: bool = True) -> MessageRef:
-        if self.native and self.thread_ts and not self._streams:
-            ref = await self._start_stream(text)
+    async def post(self, frame: Frame) -> MessageRef:
+        if self.native and self.thread_ts and not frame.final and not self._streams:
+            ref = await self._start_stream(frame)
             if ref is not None:
                 return ref
         try:
             response = await self._client.chat_postMessage(
                 channel=self.channel,
                 thread_ts=self.thread_ts,
-                **await self._content(text, button=not final, final=False),
+                **await self._content(frame, editing=False),
                 unfurl_links=False,
                 unfurl_media=False,
             )
@@ -200,44 +202,25 @@ class SlackSink:
             if (wait := _retry_after(e)) is not None:
                 raise PlatformRateLimited(wait) from e
             raise
-        return MessageRef(id=str(response["ts"]), channel=self.channel)
+        budget = self._budget("chat.update", self.adapter.settings.slack_update_budget)
+        return MessageRef(id=str(response["ts"]), channel=self.channel, budget=budget)
 
-    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        if final or text != THINKING:
+    async def edit(self, ref: MessageRef, frame: Frame) -> None:
+        if frame.phase is not Phase.THINKING:
             await self._clear_status()
         stream = self._streams.get(ref.id)
-        if stream is not None and stream.open and await self._append(ref, stream, text, final):
+        if stream is not None and stream.open and await self._append(ref, stream, frame):
             return
-        await self._take_update(final=final)
         try:
             await self._client.chat_update(
                 channel=ref.channel or self.channel,
                 ts=ref.id,
-                **await self._content(text, button=not final, final=final),
+                **await self._content(frame, editing=True),
             )
         except SlackApiError as e:
             if (retry := _retry_after(e)) is not None:
                 raise PlatformRateLimited(retry) from e
             raise
-
-    async def _take_update(self, *, final: bool) -> None:
-        """Take a chat.update from the workspace's budget (Tier 3, shared by every stream and
-        replica, kept in Redis), or raise PlatformRateLimited.
-
-        Streaming edits may use four fifths of it, so that final edits (a finished or stopped
-        reply) are not queued behind other streams for up to a minute; and a streaming edit the
-        budget refuses is retried after one edit interval, because the renderer holds every
-        later edit of the reply, the final one too, for as long as the refusal says.
-        """
-        limiter, budget = self.adapter.limiter, self.adapter.settings.slack_update_budget
-        if not final and budget > 1:
-            share = max(1, budget * 4 // 5)
-            wait = await limiter.budget_wait(f"slack:stream:{self.team_id}", share, 60)
-            if wait > 0:
-                raise PlatformRateLimited(min(wait, self.min_edit_interval))
-        wait = await limiter.budget_wait(f"slack:update:{self.team_id}", budget, 60)
-        if wait > 0:
-            raise PlatformRateLimited(wait if final else min(wait, self.min_edit_interval))
 
     async def notify(self, text: str) -> None:
         try:
@@ -250,13 +233,13 @@ class SlackSink:
         except SlackApiError as e:
             # not in the channel, or Slack refused: the notice still must not vanish silently
             log.warning("ephemeral notice failed (%s); posting it", e.response.get("error"))
-            await self.post(text)
+            await self.post(message(text))
 
-    async def show_waiting(self, state: str) -> None:
+    async def show_waiting(self, state: WaitingState) -> None:
         """`assistant.threads.setStatus` in threads; the placeholder already shows elsewhere."""
         if not self.thread_ts or not self.adapter.status_allowed:
             return
-        status = STATUS_TEXT.get(state, STATUS_TEXT["loading"])
+        status = STATUS_TEXT[state]
         now = time.monotonic()
         if status == self._status_shown and now - self._status_at < STATUS_REPEAT:
             return
@@ -283,9 +266,9 @@ class SlackSink:
 
     # --- native streaming ---
 
-    async def _start_stream(self, text: str) -> MessageRef | None:
+    async def _start_stream(self, frame: Frame) -> MessageRef | None:
         """Open a native stream as the reply's first message; None to fall back to a post."""
-        first = "" if text == PLACEHOLDER else await self._safe(text)
+        first = await self._safe(settled(frame.body)) if frame.phase is Phase.STREAMING else ""
         in_dm = self.channel.startswith("D")
         try:
             response = await self._client.chat_startStream(
@@ -300,19 +283,20 @@ class SlackSink:
             return None
         ts = str(response["ts"])
         self._streams[ts] = _Stream(streamed=first)
-        return MessageRef(id=ts, channel=self.channel)
+        budget = self._budget("chat.appendStream", APPEND_STREAM_BUDGET)
+        return MessageRef(id=ts, channel=self.channel, budget=budget)
 
-    async def _append(self, ref: MessageRef, stream: _Stream, text: str, final: bool) -> bool:
+    async def _append(self, ref: MessageRef, stream: _Stream, frame: Frame) -> bool:
         """Append what is new to the stream (and stop it when final); False to edit instead."""
-        if text == THINKING and not final:
+        if not frame.final and frame.phase is not Phase.STREAMING:
             return True  # the status line says it; a stream cannot take text back
-        wanted = await self._safe(text if final else settled(_streamed_text(text)))
+        wanted = await self._safe(frame.text if frame.final else settled(frame.body))
         if not wanted.startswith(stream.streamed):
             await self._stop_stream(ref, stream)
             return False  # not an append: the fallback edit rewrites the message
         delta = wanted[len(stream.streamed) :]
         try:
-            if final:
+            if frame.final:
                 await self._client.chat_stopStream(
                     channel=self.channel, ts=ref.id, markdown_text=delta or None
                 )
@@ -347,7 +331,6 @@ class SlackAdapter:
             raise ValueError("PARLEY_SLACK_BOT_TOKEN: required for the Slack adapter")
         self.parley = parley
         self.settings = settings
-        self.limiter = parley.limiter
         self.conversation = parley.conversation
         self.socket_mode = settings.slack_app_token is not None
         if not self.socket_mode and settings.slack_signing_secret is None:

@@ -23,8 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from bot.streaming import PLACEHOLDER, THINKING
-from bot.turn import MessageRef, PlatformRateLimited
+from bot.turn import EditBudget, Frame, MessageRef, Phase, PlatformRateLimited, WaitingState
 
 STAMP = re.compile(r"\[\[r=([\d.]+),s=([\d.]+)\]\]|\[\[e=([\d.]+)\]\]")
 
@@ -38,11 +37,19 @@ class PlatformSpec:
     edit_scope: str  # "channel" | "space": who shares one edit budget
     post_per_second: float
     post_burst: float
+    budget: tuple[int, float] | None  # the edit budget the adapter's messages declare
+
+    def edit_budget(self, space: str, channel: str) -> EditBudget | None:
+        if self.budget is None:
+            return None
+        scope = space if self.edit_scope == "space" else channel
+        return EditBudget(f"{self.name}:edits:{scope}", *self.budget)
 
 
-DISCORD = PlatformSpec("discord", 2000, 1.0, 2.0, "channel", 1.0, 5.0)
-SLACK = PlatformSpec("slack", 3900, 50 / 60, 50.0, "space", 1.0, 3.0)
-NO_LIMITS = PlatformSpec("discord", 2000, 0.0, 0.0, "channel", 0.0, 0.0)  # rate 0: unlimited
+# the budgets are the adapters' own: adapters/discord.py EDIT_BUDGET, Slack's chat.update 50/min
+DISCORD = PlatformSpec("discord", 2000, 1.0, 2.0, "channel", 1.0, 5.0, (5, 5.0))
+SLACK = PlatformSpec("slack", 3900, 50 / 60, 50.0, "space", 1.0, 3.0, (50, 60.0))
+NO_LIMITS = PlatformSpec("discord", 2000, 0.0, 0.0, "channel", 0.0, 0.0, None)  # rate 0: unlimited
 PLATFORMS = {"discord": DISCORD, "slack": SLACK}
 
 
@@ -146,31 +153,33 @@ class BenchSink:
             self.record.rate_limited += 1
             raise PlatformRateLimited(wait)
 
-    def _shown(self, text: str) -> None:
+    def _shown(self, frame: Frame) -> None:
         record = self.record
         record.last_call_at = time.time()
-        if record.first_visible_at is None and text.strip() not in (PLACEHOLDER, THINKING, ""):
+        waiting = frame.phase in (Phase.PLACEHOLDER, Phase.THINKING)
+        if record.first_visible_at is None and not waiting and frame.text.strip():
             record.first_visible_at = record.last_call_at
-        record.stamps(text)
+        record.stamps(frame.text)
 
-    async def post(self, text: str, *, final: bool = True) -> MessageRef:
-        await self._call("post", text)
+    async def post(self, frame: Frame) -> MessageRef:
+        await self._call("post", frame.text)
         self.platform.ids += 1
-        ref = MessageRef(str(self.platform.ids), self.channel)
+        budget = self.platform.spec.edit_budget(self.space, self.channel)
+        ref = MessageRef(str(self.platform.ids), self.channel, budget)
         self.record.posts += 1
-        self.record.texts[ref.id] = text
-        self._shown(text)
+        self.record.texts[ref.id] = frame.text
+        self._shown(frame)
         return ref
 
-    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        await self._call("edit", text)
+    async def edit(self, ref: MessageRef, frame: Frame) -> None:
+        await self._call("edit", frame.text)
         self.record.edits += 1
-        self.record.texts[ref.id] = text
-        self._shown(text)
+        self.record.texts[ref.id] = frame.text
+        self._shown(frame)
 
     async def notify(self, text: str) -> None:
         await asyncio.sleep(self.platform.latency)
 
-    async def show_waiting(self, state: str) -> None:
+    async def show_waiting(self, state: WaitingState) -> None:
         self.record.waiting_calls += 1  # a typing indicator / status: its own call, own route
         await asyncio.sleep(self.platform.latency)

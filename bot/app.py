@@ -18,7 +18,7 @@ from redis.driver_info import DriverInfo
 from bot.conversation import Conversation
 from bot.embedded_redis import EmbeddedRedis
 from bot.metrics import Metrics
-from bot.ratelimit import Limiter
+from bot.ratelimit import EditBudgets, Limiter
 from bot.router import Router
 from bot.settings import Settings, redis_nodes
 from bot.state import RedisClient, State
@@ -168,7 +168,12 @@ class Parley:
         router = Router.from_settings(settings)
         metrics = Metrics()
         conversation = Conversation(
-            settings=settings, state=state, limiter=limiter, router=router, metrics=metrics
+            settings=settings,
+            state=state,
+            limiter=limiter,
+            router=router,
+            budgets=EditBudgets(redis, prefix=settings.redis_prefix),
+            metrics=metrics,
         )
         parley = cls(
             settings,

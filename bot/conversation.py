@@ -27,12 +27,12 @@ from bot.errors import (
 from bot.logs import turn_id
 from bot.metrics import Metrics
 from bot.prompt import build_messages
-from bot.ratelimit import Limiter
+from bot.ratelimit import EditBudgets, Limiter
 from bot.router import Router
 from bot.settings import Settings
 from bot.state import REDIS_DOWN, HistoryEntry, InFlightSlot, State, TurnStart, turn_token
 from bot.streaming import Renderer, RenderResult, Status, wait_first
-from bot.turn import MessageRef, ReplySink, Turn
+from bot.turn import MessageRef, ReplySink, Turn, message
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,13 @@ class Conversation:
         state: State,
         limiter: Limiter,
         router: Router,
+        budgets: EditBudgets,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.limiter = limiter
+        self.budgets = budgets  # the platforms' shared edit budgets
         self.router = router
         self.metrics = metrics or Metrics()
         self.commands = Commands(router=router, state=state, default_model=settings.default_model)
@@ -99,7 +101,7 @@ class Conversation:
                 if not await self.state.first_sighting(turn.key.platform, turn.event_id):
                     return Outcome.DUPLICATE
                 if command is not None:
-                    await sink.post((await self.command(turn, *command)).text)
+                    await sink.post(message((await self.command(turn, *command)).text))
                     return Outcome.COMMAND
                 if too_long:
                     raise InputTooLong(len(turn.text), self.settings.max_input_chars)
@@ -115,12 +117,12 @@ class Conversation:
             # Without Redis there is no de-duplication, history or limit: answering anyway
             # could answer twice across replicas, so say so and keep nothing half-done.
             log.error("redis unavailable: %s", _reason(e))
-            await _best_effort(sink.post(describe(StateUnavailable())))
+            await _best_effort(sink.post(message(describe(StateUnavailable()))))
             self.metrics.replies.labels(turn.key.platform, "error").inc()
             return Outcome.ERROR
         except Exception as e:
             log.exception("turn failed unexpectedly")
-            await _best_effort(sink.post(describe(e)))
+            await _best_effort(sink.post(message(describe(e))))
             self.metrics.replies.labels(turn.key.platform, "error").inc()
             return Outcome.ERROR
 
@@ -215,7 +217,7 @@ class Conversation:
         )
         slot: InFlightSlot | None = None
         said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
-        renderer = Renderer(sink, on_post=self._chain_recorder(turn))
+        renderer = Renderer(sink, budgets=self.budgets, on_post=self._chain_recorder(turn))
         entries: list[HistoryEntry] = []
         try:
             if not start.fresh:

@@ -1,8 +1,9 @@
-"""Per-user limits and shared platform budgets, atomic in Redis so they hold across replicas.
+"""Per-user limits and shared edit budgets, atomic in Redis so they hold across replicas.
 
-The request rate and the shared budgets are the `limits` library's moving windows (its Lua runs
-in Redis); generations in flight are a self-expiring sorted set per user, kept by the script
-below, so a crashed replica's entries lapse on their own.
+The request rate is the `limits` library's moving window (its Lua runs in Redis); generations
+in flight are a self-expiring sorted set per user, kept by the script below, so a crashed
+replica's entries lapse on their own. A platform's edit budget (`EditBudgets`) is a moving
+window too, plus the set of replies streaming in its scope, among which it is divided.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
@@ -22,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from bot.errors import UserRateLimited
 from bot.settings import RateLimit
 from bot.state import InFlightSlot, RedisClient
+from bot.turn import EditBudget
 
 # KEYS[1] busy zset; ARGV: now, expiry, member, max. Returns 0 when admitted, else the
 # milliseconds until the oldest in-flight entry expires.
@@ -34,6 +37,40 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, math.ceil((tonumber(oldest[2]) - tonumber(ARGV[1])) * 1000))
+"""
+
+# One edit from a shared budget. KEYS[1]: the edits granted in the window (zset: id → ms);
+# KEYS[2]: the replies streaming in the scope (zset: reply → ms it stops counting).
+# ARGV: now ms, window ms, count, the share kept from streaming edits, reply, priority (1/0),
+# a unique id for this grant. Returns {ms to wait (0: granted), replies sharing the budget,
+# edits used in the window}.
+TAKE_EDIT = """
+local now, window, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local streaming = count - tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local replies = redis.call('ZCARD', KEYS[2])
+if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+  replies = replies + 1
+end
+-- a reply keeps counting for two of its own streaming intervals (at least a window)
+local stay = math.max(window, 2 * math.ceil(window * replies / streaming))
+redis.call('ZADD', KEYS[2], now + stay, ARGV[5])
+if redis.call('PTTL', KEYS[2]) < stay then
+  redis.call('PEXPIRE', KEYS[2], stay)
+end
+local limit = streaming
+if ARGV[6] == '1' then
+  limit = count
+end
+local used = redis.call('ZCARD', KEYS[1])
+if used < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {0, replies, used + 1}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], used - limit, used - limit, 'WITHSCORES')
+return {math.max(1, tonumber(oldest[2]) + window - now), replies, used}
 """
 
 
@@ -120,10 +157,61 @@ class Limiter:
         finally:
             await self.redis.zrem(slot.name, slot.member)
 
-    async def budget_wait(self, name: str, count: int, seconds: int) -> float:
-        """Take a slot of a budget shared by all streams and replicas; else seconds to wait."""
-        item = RateLimitItemPerSecond(count, seconds)
-        if await self.window.hit(item, "budget", name):
-            return 0.0
-        stats = await self.window.get_window_stats(item, "budget", name)
-        return max(0.01, stats.reset_time - time.time())
+
+@dataclass(frozen=True)
+class Grant:
+    """The answer to one request for an edit."""
+
+    wait: float  # seconds until the budget has room for it; 0: granted, edit now
+    interval: float  # this reply's share: seconds until its next streaming edit
+
+
+class EditBudgets:
+    """A platform's edit budgets, shared by every reply in a scope on every replica, divided
+    fairly among the replies streaming there.
+
+    Streaming edits may use all but a fifth of a budget; the rest is kept for what a person is
+    waiting for — a reply's first text and its final edit — which may use the whole budget and
+    so go before any further streaming edit. Each reply spaces its streaming edits so that the
+    replies in flight share the streaming part equally as it runs out: one edit every
+    `window × N / streaming part` seconds with N replies once it is spent, proportionally less
+    while most of it is unused (a lone short reply streams at the platform's cadence).
+    """
+
+    def __init__(
+        self, redis: RedisClient, *, prefix: str = "parley:", clock: Callable[[], float] = time.time
+    ) -> None:
+        self.prefix = prefix
+        self.clock = clock  # seconds; every replica's clock, as the `limits` windows use
+        self._take = redis.register_script(TAKE_EDIT)
+        self.redis = redis
+
+    @staticmethod
+    def reserved(budget: EditBudget) -> int:
+        """The edits of each window that streaming edits leave to first texts and final edits."""
+        return max(1, budget.count // 5) if budget.count > 1 else 0
+
+    def _keys(self, budget: EditBudget) -> list[str]:
+        tag = f"{{{budget.scope}}}"  # both keys in one hash slot
+        return [f"{self.prefix}edits:{tag}", f"{self.prefix}editors:{tag}"]
+
+    async def take(self, budget: EditBudget, reply: str, *, priority: bool = False) -> Grant:
+        """Ask for one edit of `reply`'s message; `priority` for a first text or a final edit."""
+        window_ms = max(1, round(budget.seconds * 1000))
+        streaming = budget.count - self.reserved(budget)
+        args: list[str | int] = [
+            round(self.clock() * 1000),
+            window_ms,
+            budget.count,
+            self.reserved(budget),
+            reply,
+            int(priority),
+            f"{reply}:{uuid.uuid4().hex[:8]}",
+        ]
+        wait_ms, replies, used = await self._take(keys=self._keys(budget), args=args)
+        fair = budget.seconds * int(replies) / streaming
+        return Grant(int(wait_ms) / 1000, fair * min(1.0, int(used) / streaming))
+
+    async def leave(self, budget: EditBudget, reply: str) -> None:
+        """The reply is finished: the others share the budget without it."""
+        await self.redis.zrem(self._keys(budget)[1], reply)

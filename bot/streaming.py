@@ -1,8 +1,11 @@
 """The renderer: a placeholder at once, coalesced edits, clean splits, and always a final state.
 
 Reading the backend never waits for the platform: `feed()` only appends to a buffer; one writer
-task per reply sends the newest text, at most one call in flight, no sooner than the sink's
-interval after the previous one (later when the platform says so).
+task per reply sends the newest text, at most one call in flight, no sooner than the reply's
+cadence after the previous one (later when the platform says so). The renderer hands the sink
+typed frames (phase and Markdown), and takes every edit from the message's shared edit budget
+first (`bot/ratelimit.py` `EditBudgets`): "our budget says wait" only delays the next streaming
+edit, while a platform's 429 (PlatformRateLimited) holds every call until its retry-after.
 """
 
 from __future__ import annotations
@@ -10,137 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from bot.backends.base import Chunk, Content, Done, Thinking
-from bot.turn import MessageRef, PlatformRateLimited, ReplySink
+from bot.markdown import CURSOR, EMPTY_ANSWER, STOPPED, split_first
+from bot.ratelimit import EditBudgets
+from bot.state import REDIS_DOWN
+from bot.turn import EditBudget, Frame, MessageRef, Phase, PlatformRateLimited, ReplySink
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER = "…"
-THINKING = "💭 _Thinking…_"
-CURSOR = " ▍"
-EMPTY_ANSWER = "_The model returned an empty answer._"
-STOPPED = "_⏹ Stopped._"
 WAITING_REPEAT = 8.0  # Discord's typing indicator lasts 10 s
 FINAL_RETRY_BUDGET = 300.0  # give up retrying the last edit after this many seconds of 429s
-
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-_CUTS: tuple[tuple[str, float], ...] = (
-    ("\n\n", 0.5),  # paragraph
-    ("\n", 0.5),  # line
-    (". ", 0.3),  # sentence
-    ("! ", 0.3),
-    ("? ", 0.3),
-    (" ", 0.3),  # word
-)
-
-
-# --- pure text functions ------------------------------------------------------------------
-
-
-def open_fence(text: str) -> str | None:
-    """The opening line of a code fence still open at the end of `text`, else None."""
-    opener: tuple[str, str] | None = None
-    for line in text.split("\n"):
-        match = _FENCE.match(line)
-        if not match:
-            continue
-        run, info = match[1], match[2].strip()
-        if opener is None:
-            if run[0] != "`" or "`" not in info:  # a backtick fence's info has no backtick
-                opener = (run, info)
-        elif run[0] == opener[0][0] and len(run) >= len(opener[0]) and not info:
-            opener = None
-    if opener is None:
-        return None
-    language = opener[1].split()[0][:20] if opener[1].split() else ""
-    return opener[0] + language
-
-
-def fence_closer(opening: str) -> str:
-    return re.match(r"`+|~+", opening)[0]  # type: ignore[index]
-
-
-def _best_cut(window: str) -> int:
-    for sep, min_fraction in _CUTS:
-        pos = window.rfind(sep)
-        if pos > 0 and pos >= len(window) * min_fraction:
-            return pos + len(sep)
-    return len(window)
-
-
-def split_first(text: str, limit: int) -> tuple[str, str]:
-    """Split `text` into a first message of at most `limit` chars and the rest.
-
-    Cuts at a paragraph, line, sentence, then word boundary; a code fence open at the cut is
-    closed at the end of the first part and reopened at the start of the rest.
-    """
-    if len(text) <= limit:
-        return text, ""
-    if limit < 40:
-        raise ValueError("limit too small to split cleanly")
-    room = limit - 8  # "\n" + a closing fence
-    while True:
-        head, tail = _cut(text, room)
-        if len(head) <= limit:
-            return head, tail
-        room -= len(head) - limit  # an unusually long fence closer: cut earlier
-
-
-def _cut(text: str, room: int) -> tuple[str, str]:
-    cut = _best_cut(text[:room])
-    # never cut through a fence line itself: move the cut to that line's start
-    line_start = text.rfind("\n", 0, cut) + 1
-    line_end = text.find("\n", cut)
-    line = text[line_start : line_end if line_end != -1 else len(text)]
-    if line_start > 0 and cut > line_start and _FENCE.match(line):
-        cut = line_start
-    before = text[:cut].strip()
-    if not before or ("\n" not in before and _FENCE.match(before)):
-        # nothing before the cut but whitespace or a fence's opening line: hard cut instead
-        cut = room
-        line_start = text.rfind("\n", 0, cut) + 1
-    # a cut inside a line must not start the next message with something that reads as a fence
-    while cut > line_start + 1 and text[cut] in "`~ ":
-        cut -= 1
-    head, tail = text[:cut].rstrip(), text[cut:].lstrip("\n")
-    if (shown := open_fence(head)) is not None:
-        head = head + "\n" + fence_closer(shown)
-    # reopen only a fence the text really has open (judged on whole lines), and only when that
-    # still makes progress (a pathological fence line longer than a message is left alone)
-    line_end = text.find("\n", cut)
-    line_end = len(text) if line_end == -1 else line_end
-    inside_fence_line = cut > line_start and _FENCE.match(text[line_start:line_end]) is not None
-    real = open_fence(text[: line_end if inside_fence_line else line_start])
-    if real is not None and len(real) + 1 + len(tail) < len(text):
-        tail = real + "\n" + tail
-    return head, tail
-
-
-def split_message(text: str, limit: int) -> list[str]:
-    """All the messages `text` becomes at `limit` chars each (what streaming produces too)."""
-    pages: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        page, rest = split_first(rest, limit)
-        pages.append(page)
-    pages.append(rest)
-    return [p for p in pages if p.strip()] or [""]
-
-
-def in_progress(text: str) -> str:
-    """What a reply looks like while it streams: open fences closed, a cursor at the end."""
-    fence = open_fence(text)
-    shown = text + ("\n" + fence_closer(fence) if fence else "")
-    return shown + CURSOR
-
-
-# --- the renderer -------------------------------------------------------------------------
 
 
 class Status(StrEnum):
@@ -163,14 +51,16 @@ class RenderResult:
 @dataclass
 class _Page:
     ref: MessageRef | None = None
-    shown: str = ""  # what the platform shows now
+    shown: Frame | None = None  # what the platform shows now
 
 
 @dataclass
 class Renderer:
     sink: ReplySink
+    budgets: EditBudgets | None = None  # None: no shared edit budget (only the cadence)
     clock: Callable[[], float] = time.monotonic
     on_post: Callable[[MessageRef], Awaitable[None]] | None = None  # after each message posted
+    reply_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the budgets' count
     text: str = ""  # all content so far
     thinking: str = ""
     done: Done | None = None
@@ -180,8 +70,10 @@ class Renderer:
     first_visible_at: float | None = None
     _body: str = ""  # the current page's text (may start with a reopened fence)
     _pages: list[_Page] = field(default_factory=list)
-    _next_at: float = 0.0  # no call before this (cadence)
-    _hard_until: float = 0.0  # no call before this (the platform said so)
+    _next_at: float = 0.0  # no streaming edit before this (cadence, our budget)
+    _hard_until: float = 0.0  # no call at all before this (the platform said so)
+    _share: float = 0.0  # this reply's fair spacing of streaming edits in its shared budget
+    _budgets_used: set[EditBudget] = field(default_factory=set)
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _finishing: asyncio.Event = field(default_factory=asyncio.Event)
     _writer: asyncio.Task[None] | None = None
@@ -192,10 +84,16 @@ class Renderer:
     def limit(self) -> int:
         return self.sink.max_chars - len(CURSOR) - 8  # room for the cursor and a fence closer
 
+    @property
+    def cadence(self) -> float:
+        """Seconds between two streaming edits of this reply's message."""
+        return max(self.sink.min_edit_interval, self._share)
+
     async def begin(self) -> None:
         """Post the placeholder and start the writer."""
-        ref = await self._call_post(PLACEHOLDER, final=False)
-        self._pages.append(_Page(ref, PLACEHOLDER))
+        placeholder = Frame(Phase.PLACEHOLDER)
+        ref = await self._call_post(placeholder)
+        self._pages.append(_Page(ref, placeholder))
         self._writer = asyncio.create_task(self._write_loop())
         self._waiting = asyncio.create_task(self._waiting_loop())
 
@@ -234,18 +132,18 @@ class Renderer:
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        suffix = ""
+        closing = ""
         if status is Status.STOPPED:
-            suffix = notice if notice else STOPPED
+            closing = notice if notice else STOPPED
         elif notice:
-            suffix = f"⚠️ {notice}"
+            closing = f"⚠️ {notice}"
         elif footer:
-            suffix = footer
+            closing = footer
         body = self._body.rstrip()
         if not self.text.strip() and status is Status.COMPLETE:
             body = EMPTY_ANSWER
-        final = f"{body}\n\n{suffix}" if body and suffix else (body or suffix or EMPTY_ANSWER)
-        await self._flush(final, final=True)
+        await self._flush(body, ending=Frame(Phase(status.value), notice=closing))
+        await self._leave_budgets()
         return RenderResult(
             status=status,
             text=self.text,
@@ -270,9 +168,9 @@ class Renderer:
                     return
             self._dirty.clear()
             if self.text:
-                await self._flush(self._body, final=False)
+                await self._flush(self._body)
             elif self.thinking:
-                await self._show(self._pages[-1], THINKING, final=False)
+                await self._show(self._pages[-1], Frame(Phase.THINKING))
 
     async def _waiting_loop(self) -> None:
         while not self.text:
@@ -282,58 +180,113 @@ class Renderer:
                 log.debug("show_waiting failed: %s", e)
             await asyncio.sleep(WAITING_REPEAT)
 
-    async def _flush(self, body: str, *, final: bool) -> None:
-        """Show `body` on the current page, spilling finished pages into new messages."""
+    async def _flush(self, body: str, *, ending: Frame | None = None) -> None:
+        """Show `body` on the current page, spilling finished pages into new messages;
+        `ending`: the reply's final frame (phase and notice), else it is still streaming."""
+        closing = len(ending.notice) + 2 if ending is not None and ending.notice else 0
         while True:
-            limit = self.limit if not final else self.sink.max_chars
-            if len(body) <= limit:
+            if ending is None and len(body) <= self.limit:
+                break
+            if ending is not None and len(body) + closing <= self.sink.max_chars:
                 break
             page, rest = split_first(body, self.limit)
-            await self._show(self._pages[-1], page, final=True)
-            opening = PLACEHOLDER if final else in_progress(rest[: self.limit])
-            ref = await self._call_post(opening, final=False)
+            await self._show(self._pages[-1], Frame(Phase.COMPLETE, page))
+            opening = Frame(Phase.STREAMING, rest[: self.limit])
+            if ending is not None:
+                opening = Frame(Phase.PLACEHOLDER)
+            ref = await self._call_post(opening)
             self._pages.append(_Page(ref, opening))
-            if final:
+            if ending is not None:
                 body = rest
             else:  # chunks fed while this page was finished and the next posted follow rest
                 self._body = body = rest + self._body[len(body) :]
-        shown = body if final else in_progress(body)
-        await self._show(self._pages[-1], shown, final=final)
+        frame = (
+            Frame(Phase.STREAMING, body)
+            if ending is None
+            else Frame(ending.phase, body, ending.notice)
+        )
+        await self._show(self._pages[-1], frame)
 
-    async def _show(self, page: _Page, text: str, *, final: bool) -> None:
-        if page.shown == text and not final:
+    async def _show(self, page: _Page, frame: Frame) -> None:
+        if page.shown == frame and not frame.final:
             return
         if page.ref is None:  # the placeholder never got posted: post instead
-            page.ref = await self._call_post(text, final=final)
-            page.shown = text
+            page.ref = await self._call_post(frame)
+            page.shown = frame
             return
         started = time.monotonic()
         while True:
-            await self._respect_limits(final)
-            self._next_at = self.clock() + self.sink.min_edit_interval
+            await self._respect_limits(frame.final)
+            if not await self._take_budget(page.ref, frame):
+                if not frame.final:
+                    self._dirty.set()  # the writer comes back, with the newest text, later
+                    return
+                if time.monotonic() - started > FINAL_RETRY_BUDGET:
+                    log.error("giving up the final edit: the edit budget stayed spent")
+                    return
+                continue
+            self._next_at = self.clock() + self.cadence
             try:
-                await self.sink.edit(page.ref, text, final=final)
+                await self.sink.edit(page.ref, frame)
             except PlatformRateLimited as e:
                 self.rate_limited += 1
                 self._hard_until = self.clock() + e.retry_after
-                if not final or time.monotonic() - started > FINAL_RETRY_BUDGET:
-                    if final:
+                if not frame.final or time.monotonic() - started > FINAL_RETRY_BUDGET:
+                    if frame.final:
                         log.error("giving up the final edit after repeated rate limits")
                     self._dirty.set()
                     return
                 continue
             except Exception:
                 log.exception("editing the reply failed")
-                if final:
-                    await self._post_fallback(page, text)
+                if frame.final:
+                    await self._post_fallback(page, frame)
                 return
             self.edits += 1
             # the interval counts from when the platform answered: under load, a call that was
             # slow to leave must not land closer than the interval to the next one
-            self._next_at = self.clock() + self.sink.min_edit_interval
-            page.shown = text
-            self._visible(text)
+            self._next_at = self.clock() + self.cadence
+            page.shown = frame
+            self._visible(frame)
             return
+
+    async def _take_budget(self, ref: MessageRef, frame: Frame) -> bool:
+        """Take this edit from the message's shared budget; False if it must wait.
+
+        A final frame and the reply's first answer text go first (they may use the part of the
+        budget streaming edits leave); a final frame waits here for its turn, anything else
+        moves the next streaming edit back instead. Without Redis, edits go on at the cadence:
+        the platform's own 429s still hold them back.
+        """
+        budget, budgets = ref.budget, self.budgets
+        if budget is None or budgets is None:
+            return True
+        first_text = self.first_visible_at is None and frame.phase is Phase.STREAMING
+        try:
+            grant = await budgets.take(budget, self.reply_id, priority=frame.final or first_text)
+        except REDIS_DOWN as e:
+            log.warning("edit budget unavailable (%s); editing at the cadence", e)
+            self.budgets = None
+            return True
+        self._budgets_used.add(budget)
+        self._share = grant.interval
+        if not grant.wait:
+            return True
+        if frame.final:
+            await asyncio.sleep(grant.wait)
+        else:
+            self._next_at = max(self._next_at, self.clock() + grant.wait)
+        return False
+
+    async def _leave_budgets(self) -> None:
+        """This reply no longer counts in the division of its budgets."""
+        if self.budgets is None:
+            return
+        for budget in self._budgets_used:
+            try:
+                await self.budgets.leave(budget, self.reply_id)
+            except REDIS_DOWN as e:  # its entry lapses by itself
+                log.warning("could not leave an edit budget: %s", e)
 
     async def _respect_limits(self, final: bool) -> None:
         """Wait for the platform's retry-after always; for the cadence only mid-stream."""
@@ -342,12 +295,12 @@ class Renderer:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _call_post(self, text: str, *, final: bool) -> MessageRef | None:
+    async def _call_post(self, frame: Frame) -> MessageRef | None:
         started = time.monotonic()
         while True:
             await self._respect_limits(final=True)
             try:
-                ref = await self.sink.post(text, final=final)
+                ref = await self.sink.post(frame)
             except PlatformRateLimited as e:
                 self.rate_limited += 1
                 self._hard_until = self.clock() + e.retry_after
@@ -360,19 +313,20 @@ class Renderer:
             self.posts += 1
             if self.on_post is not None:
                 await self.on_post(ref)
-            if text not in (PLACEHOLDER, THINKING):  # the first answer text may follow at once
-                self._next_at = self.clock() + self.sink.min_edit_interval
-            self._visible(text)
+            if frame.phase not in (Phase.PLACEHOLDER, Phase.THINKING):
+                self._next_at = self.clock() + self.cadence  # the first text may follow at once
+            self._visible(frame)
             return ref
 
-    async def _post_fallback(self, page: _Page, text: str) -> None:
+    async def _post_fallback(self, page: _Page, frame: Frame) -> None:
         """The final edit failed for good (message deleted?): post the final text anew."""
-        ref = await self._call_post(text, final=True)
+        ref = await self._call_post(frame)
         if ref is not None:
-            page.ref, page.shown = ref, text
+            page.ref, page.shown = ref, frame
 
-    def _visible(self, text: str) -> None:
-        if self.first_visible_at is None and self.text and text not in (PLACEHOLDER, THINKING):
+    def _visible(self, frame: Frame) -> None:
+        waiting = frame.phase in (Phase.PLACEHOLDER, Phase.THINKING)
+        if self.first_visible_at is None and self.text and not waiting:
             self.first_visible_at = self.clock()
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, Protocol, runtime_checkable
+
+from bot.markdown import EMPTY_ANSWER, PLACEHOLDER, THINKING, in_progress
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,69 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class EditBudget:
+    """Edits a platform allows in one scope, shared by every reply streaming there on every
+    replica: `count` per `seconds` (a Slack workspace's chat.update, a Discord channel's)."""
+
+    scope: str  # who shares it, e.g. "slack:chat.update:T1"
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class MessageRef:
-    """A message the sink posted, as the platform names it."""
+    """A message the sink posted, as the platform names it, and the budget its edits take."""
 
     id: str
     channel: str = ""
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    budget: EditBudget | None = None  # None: its edits share no budget (only the cadence)
+
+
+class Phase(StrEnum):
+    """Where a reply's message is in its life."""
+
+    PLACEHOLDER = "placeholder"  # posted at once: the reply is on its way
+    THINKING = "thinking"  # the model reasons; no answer text yet
+    STREAMING = "streaming"  # the answer so far; more to come
+    COMPLETE = "complete"  # final: a finished page, or the whole answer
+    ERROR = "error"  # final: what was written, and what went wrong
+    STOPPED = "stopped"  # final: stopped by someone, or by a shutdown
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What one message of a reply should show: its phase and its Markdown.
+
+    Post-and-edit sinks show `text`; a sink with native streaming appends `body` and ends the
+    stream with `text` when the frame is final.
+    """
+
+    phase: Phase
+    body: str = ""  # the message's Markdown: the model's text (on this page)
+    notice: str = ""  # final frames: a closing line (what went wrong, stopped, a footer)
+
+    @property
+    def final(self) -> bool:
+        """The message's last state: no further edits, no Stop button."""
+        return self.phase in (Phase.COMPLETE, Phase.ERROR, Phase.STOPPED)
+
+    @property
+    def text(self) -> str:
+        match self.phase:
+            case Phase.PLACEHOLDER:
+                return PLACEHOLDER
+            case Phase.THINKING:
+                return THINKING
+            case Phase.STREAMING:
+                return in_progress(self.body)
+        if self.body and self.notice:
+            return f"{self.body}\n\n{self.notice}"
+        return self.body or self.notice or EMPTY_ANSWER
+
+
+def message(text: str) -> Frame:
+    """A message that is final as posted (a command's answer, a notice)."""
+    return Frame(Phase.COMPLETE, text)
 
 
 class PlatformRateLimited(Exception):
@@ -63,37 +123,39 @@ class PlatformRateLimited(Exception):
         self.retry_after = retry_after
 
 
+WaitingState = Literal["loading", "thinking"]
+
+
 @runtime_checkable
 class ReplySink(Protocol):
-    """Posts and edits the bot's reply on one platform, within that platform's limits."""
+    """Shows one reply on one platform: posts and edits its messages within the platform's
+    limits. It only translates frames into platform calls; the renderer decides what and when
+    (the cadence, the shared budget, splitting)."""
 
     max_chars: int  # Discord 2000; Slack markdown_text 12000 (kept lower for readability)
     min_edit_interval: float  # seconds between edits of one message
 
-    async def post(self, text: str, *, final: bool = True) -> MessageRef:
+    async def post(self, frame: Frame) -> MessageRef:
         """Post a new message in the reply's place (the thread, the reply chain).
 
-        `final=False`: the message will be edited as the reply streams (adapters add a Stop
-        button to such a message; its last edit comes with `final=True`).
+        A message posted with a frame that is not final will be edited as the reply streams
+        (adapters add a Stop button to it; its last edit comes with a final frame).
         """
         ...
 
-    async def edit(self, ref: MessageRef, text: str, *, final: bool = False) -> None:
-        """Replace a message's text. May raise PlatformRateLimited(retry_after).
-
-        `final` marks the message's last edit (adapters drop stop buttons, cursors, status).
-        """
+    async def edit(self, ref: MessageRef, frame: Frame) -> None:
+        """Show `frame` on a message. May raise PlatformRateLimited(retry_after): the platform
+        itself refused (a 429), never a budget of Parley's own."""
         ...
 
     async def notify(self, text: str) -> None:
         """A short notice only the asking person needs (ephemeral where the platform allows)."""
         ...
 
-    async def show_waiting(self, state: str) -> None:
+    async def show_waiting(self, state: WaitingState) -> None:
         """Show that the reply is on its way but has no visible text yet.
 
-        `state` is "loading" (no chunk yet) or "thinking" (only thinking chunks so far). Called
-        when the state begins and again every few seconds while it lasts (Discord's typing
-        indicator lasts 10 s); a sink whose indicator lasts longer may ignore repeats.
+        Called when the state begins and again every few seconds while it lasts (Discord's
+        typing indicator lasts 10 s); a sink whose indicator lasts longer may ignore repeats.
         """
         ...

@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from bot.app import Parley
 from bot.conversation import Outcome, stop_token
 from bot.embedded_redis import EmbeddedRedis, free_port
-from bot.turn import ConversationKey
+from bot.turn import ConversationKey, EditBudget
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
 from tests.support import make_settings, turn, until
@@ -183,9 +183,10 @@ async def test_the_rate_and_in_flight_limits_hold_on_a_cluster(
     limited = RecordingSink(min_edit_interval=0.05)
     assert await parley.conversation.handle(turn("three", thread="t3"), limited) is Outcome.REFUSED
     assert limited.notices[-1].startswith("You're sending requests too fast.")
-    # the shared platform budgets (limits' moving window) run on the cluster too
-    assert await parley.limiter.budget_wait("slack:T1", 1, 60) == 0.0
-    assert await parley.limiter.budget_wait("slack:T1", 1, 60) > 0.0
+    # the shared edit budgets run on the cluster too (their two keys share a hash slot)
+    budget = EditBudget("slack:chat.update:T1", 1, 60)
+    assert (await parley.conversation.budgets.take(budget, "r1")).wait == 0.0
+    assert (await parley.conversation.budgets.take(budget, "r2")).wait > 0.0
 
 
 async def test_a_stop_pressed_on_another_replica_reaches_the_reply_on_a_cluster(

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from bot.app import Parley
 from bot.conversation import Outcome
-from bot.streaming import PLACEHOLDER
+from bot.markdown import PLACEHOLDER
 from bot.turn import ConversationKey, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink

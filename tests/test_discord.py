@@ -23,8 +23,8 @@ from adapters.discord_logic import CONTENT_WITHHELD, MODEL_SWITCH_ADMINS, NOT_AL
 from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
+from bot.markdown import CURSOR, STOPPED
 from bot.settings import Settings
-from bot.streaming import CURSOR, STOPPED
 from bot.turn import ConversationKey
 from tests.fakes.discord import MESSAGE_CONTENT_INTENT, SEND_MESSAGES, FakeDiscord, Recorded
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
@@ -760,9 +760,11 @@ async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
         await fake.say(bob, f"{mention(fake)} stream two")
         await fake.wait_for(lambda f: [m["content"] for m in f.bot_messages()] == [text, text])
 
+    # the budget is taken when an edit leaves; Discord counts it when it arrives, after a delay
+    # that varies (discord.py holds the first request of a bucket until it knows its limits)
     times = [p.time for p in fake.calls("PATCH", MESSAGE)]
     for i, start in enumerate(times):
-        assert len([t for t in times[i:] if t - start < 1.0 - 0.02]) <= 3
+        assert len([t for t in times[i:] if t - start < 1.0 - 0.1]) <= 3
 
 
 # --- a Redis outage -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
+from bot.markdown import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.support import mention

@@ -16,14 +16,13 @@ from urllib.parse import urlencode
 import pytest
 import yaml
 from aiohttp import web
-from limits import RateLimitItemPerSecond
 
 from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, STOP_ACTION, SlackAdapter
 from adapters.slack_text import JOINER
 from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
-from bot.streaming import CURSOR, PLACEHOLDER, STOPPED
+from bot.markdown import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
 from tests.fakes.slack import (
     APP_TOKEN,
@@ -145,9 +144,11 @@ def thread_text(slack: FakeSlack, thread_ts: str, channel: str = CHANNEL) -> str
     return "\n\n".join(m.text for m in slack.thread(channel, thread_ts))
 
 
-async def reply_in_thread(slack: FakeSlack, thread_ts: str, text: str) -> None:
+async def reply_in_thread(
+    slack: FakeSlack, thread_ts: str, text: str, *, within: float = 5.0
+) -> None:
     try:
-        await slack.wait_for(lambda: thread_text(slack, thread_ts) == text)
+        await slack.wait_for(lambda: thread_text(slack, thread_ts) == text, within)
     except TimeoutError:
         assert thread_text(slack, thread_ts) == text  # shows what the thread holds instead
         raise
@@ -201,11 +202,8 @@ async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
         await send_event(slack, bot, mention)
         await reply_in_thread(slack, mention["ts"], REPLY)
         echoes = await slack.echoes_delivered()
-        # every edit took a slot of the workspace's chat.update budget, kept in Redis
-        budget = RateLimitItemPerSecond(bot.parley.settings.slack_update_budget, 60)
-        stats = await bot.parley.limiter.window.get_window_stats(
-            budget, "budget", f"slack:update:{TEAM_ID}"
-        )
+        # every edit took one of the workspace's chat.update budget, kept in Redis by the core
+        used = await bot.parley.redis.zcard(f"parley:edits:{{slack:chat.update:{TEAM_ID}}}")
         # had an echo been answered, its reply would be under way before this one ends
         later = slack.user_message(f"<@{BOT_USER_ID}> thanks", event_type="app_mention")
         await send_event(slack, bot, later)
@@ -223,7 +221,7 @@ async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
     assert 2 <= len(edits) <= len(tokens) // 4
     gaps = [b.at - a.at for a, b in itertools.pairwise(edits[:-1])]  # the last is not held
     assert all(gap >= INTERVAL * 0.8 for gap in gaps), gaps
-    assert stats.remaining == budget.amount - len(edits)
+    assert used == len(edits)
     # our own post and edits came back as events and none of them was answered
     assert echoes == 1 + len(edits)
     assert len(model_server.chat_requests) == 2
@@ -745,31 +743,6 @@ def test_the_manifest_declares_what_the_adapter_handles() -> None:
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
 
 
-async def test_streaming_edits_leave_part_of_the_workspace_budget_to_final_edits(
-    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
-) -> None:
-    from adapters.slack import SlackSink
-    from bot.turn import PlatformRateLimited
-
-    async with slack_bot(slack, model_server, redis_url, "http", slack_update_budget=5) as bot:
-        sink = SlackSink(
-            adapter=bot.adapter,
-            team_id=TEAM_ID,
-            channel=CHANNEL,
-            thread_ts=None,
-            user_id="U1",
-            min_edit_interval=INTERVAL,
-        )
-        ref = await sink.post(PLACEHOLDER, final=False)
-        for i in range(4):  # four fifths of 5 for streaming edits
-            await sink.edit(ref, f"part {i}{CURSOR}")
-        with pytest.raises(PlatformRateLimited) as refused:
-            await sink.edit(ref, f"part 4{CURSOR}")
-        assert refused.value.retry_after <= INTERVAL  # retried soon, not after the window
-        await sink.edit(ref, "the whole answer", final=True)  # the final edit still goes out
-    assert shown(slack.calls_to("chat.update")[-1]) == "the whole answer"
-
-
 # --- a Redis outage -------------------------------------------------------------------------
 
 
@@ -810,3 +783,52 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
     told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
     assert len(told) == 3 and all(r.levelno == logging.ERROR for r in told)
     assert len(model_server.chat_requests) == 2
+
+
+# --- many replies in one workspace ----------------------------------------------------------
+
+
+async def test_ten_replies_at_once_share_the_workspace_chat_update_budget(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    """Ten people ask at once in one workspace; Slack allows chat.update 50 times a minute
+    there (the fake enforces it). Every reply shows text soon after its first token and its
+    final text soon after its last, and Slack never has to refuse an edit."""
+    slack.tiers["chat.update"] = (50, 60.0)
+    tokens, delay, stagger = 60, 0.05, 0.3
+    text = " ".join(f"w{i}" for i in range(tokens))
+    model_server.script(
+        *(Script(tokens=word_pieces(text), delay=delay, first_delay=i * stagger) for i in range(10))
+    )
+    # one person asking ten times stands for ten people: lift the per-person limits, and the
+    # per-backend cap (a queue before the model is another issue than the edit budget)
+    limits = {"max_in_flight": 10, "rate_limit": "100/minute", "backend_concurrency": 10}
+    async with slack_bot(slack, model_server, redis_url, "socket", **limits) as bot:
+        asked = [
+            slack.user_message(f"<@{BOT_USER_ID}> question {i}", event_type="app_mention")
+            for i in range(10)
+        ]
+        for i, mention in enumerate(asked):  # one by one: the scripts are taken in this order
+            await send_event(slack, bot, mention)
+            await slack.wait_for(lambda m=mention: bool(slack.thread(CHANNEL, m["ts"])))
+            await until(lambda n=i + 1: len(model_server.chat_requests) == n)
+        for mention in asked:
+            await reply_in_thread(slack, mention["ts"], text, within=30)
+
+    assert [c.status for c in slack.calls_to("chat.update")].count(429) == 0
+    assert len(slack.calls_to("chat.update")) <= 50
+    for i, mention in enumerate(asked):
+        (reply,) = slack.thread(CHANNEL, mention["ts"])
+        (placeholder,) = [
+            c
+            for c in slack.ok_calls_to("chat.postMessage")
+            if c.params["thread_ts"] == mention["ts"]
+        ]
+        edits = updates_of(slack, reply.ts)
+        # the model request leaves with the placeholder; its script delays the first token
+        first_token = placeholder.at + i * stagger
+        last_token = first_token + (tokens - 1) * delay
+        first_text = next(e.at for e in edits if shown(e).startswith("w0"))
+        late = first_text - first_token, edits[-1].at - last_token
+        assert late[0] < 1.0 and late[1] < 1.0, f"reply {i}: first text, final edit late {late}"
+        assert shown(edits[-1]) == text

@@ -6,22 +6,17 @@ import asyncio
 import itertools
 import math
 import re
-import time
 
+import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.backends.base import Content, Done, Thinking
-from bot.streaming import (
-    CURSOR,
-    EMPTY_ANSWER,
-    THINKING,
-    Renderer,
-    Status,
-    in_progress,
-    open_fence,
-    split_message,
-)
+from bot.markdown import CURSOR, EMPTY_ANSWER, THINKING, in_progress, open_fence, split_message
+from bot.ratelimit import EditBudgets
+from bot.streaming import Renderer, Status
+from bot.turn import EditBudget, Phase
 from tests.sinks import RecordingSink
 
 FENCE_LINE = re.compile(r"^ {0,3}(`{3,}|~{3,}).*$", re.M)
@@ -94,6 +89,16 @@ def test_in_progress_text_closes_an_open_fence_and_shows_a_cursor() -> None:
 
 
 # --- renderer -------------------------------------------------------------------------------
+#
+# These run on looptime's fake loop clock: sleeps take no real time and the renderer, the
+# recording platform and the token feeder all read the same clock, so timings are exact however
+# loaded the machine is.
+
+
+def on_loop_clock(**options: object) -> tuple[RecordingSink, Renderer]:
+    clock = asyncio.get_running_loop().time
+    sink = RecordingSink(clock=clock, **options)  # type: ignore[arg-type]
+    return sink, Renderer(sink, clock=clock)
 
 
 async def stream(renderer: Renderer, pieces: list[str], delay: float) -> None:
@@ -103,29 +108,28 @@ async def stream(renderer: Renderer, pieces: list[str], delay: float) -> None:
     renderer.feed(Done())
 
 
+@pytest.mark.looptime
 async def test_500_token_stream_edits_at_most_duration_over_interval_plus_two() -> None:
-    sink = RecordingSink(max_chars=12000, min_edit_interval=1.0, latency=0.05)
-    renderer = Renderer(sink)
-    started = time.monotonic()
+    sink, renderer = on_loop_clock(max_chars=12000, min_edit_interval=1.0, latency=0.05)
+    started = renderer.clock()
     await renderer.begin()
     await stream(renderer, [f"tok{i} " for i in range(500)], 0.005)
     result = await renderer.finish(Status.COMPLETE)
-    duration = time.monotonic() - started
+    duration = renderer.clock() - started
     assert result.text == "".join(f"tok{i} " for i in range(500))
     assert sink.messages[-1] == result.text.rstrip()
     assert len(sink.edits) <= math.ceil(duration / 1.0) + 2
     assert sink.max_in_flight == 1  # no two calls ever overlap
-    calls = sink.calls
-    for before, after in itertools.pairwise(calls):
+    for before, after in itertools.pairwise(sink.calls):
         assert after.started >= before.ended
     mid = [c for c in sink.edits if not c.final]
     for before, after in itertools.pairwise(mid):
-        assert after.started - before.started >= 0.99  # the cadence holds between edits
+        assert after.started - before.started >= 1.0  # the cadence holds between edits
 
 
+@pytest.mark.looptime
 async def test_edits_are_coalesced_while_one_is_in_flight() -> None:
-    sink = RecordingSink(min_edit_interval=0.05, latency=0.2)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=0.05, latency=0.2)
     await renderer.begin()
     await stream(renderer, ["x"] * 100, 0.005)  # 0.5 s of tokens, 0.2 s per edit
     await renderer.finish(Status.COMPLETE)
@@ -133,35 +137,35 @@ async def test_edits_are_coalesced_while_one_is_in_flight() -> None:
     assert sink.messages == ["x" * 100]
 
 
+@pytest.mark.looptime
 async def test_final_edit_is_not_held_back_by_the_cadence() -> None:
-    sink = RecordingSink(min_edit_interval=5.0)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=5.0)
     await renderer.begin()
     renderer.feed(Content("hello"))
     await asyncio.sleep(0.05)
-    started = time.monotonic()
+    renderer.feed(Content(" world"))
+    finishing = renderer.clock()
     await renderer.finish(Status.COMPLETE)
-    assert time.monotonic() - started < 1.0
-    assert sink.messages == ["hello"]
+    assert sink.edits[-1].started == finishing  # not 5 s after the first text
+    assert sink.messages == ["hello world"]
 
 
+@pytest.mark.looptime
 async def test_platform_rate_limit_pushes_the_next_edit_back() -> None:
-    sink = RecordingSink(min_edit_interval=0.05, rate_limit_edits=[0.5])
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=0.05, rate_limit_edits=[0.5])
     await renderer.begin()
     await stream(renderer, ["a ", "b ", "c "], 0.05)
     await asyncio.sleep(0.1)
     result = await renderer.finish(Status.COMPLETE)
     assert sink.refused, "the fake platform answered 429 once"
-    first_edit = sink.edits[0]
-    assert first_edit.started - sink.refused[0] >= 0.49
+    assert sink.edits[0].started - sink.refused[0] >= 0.5
     assert sink.messages == ["a b c"]
-    assert result.status is Status.COMPLETE
+    assert result.status is Status.COMPLETE and result.rate_limited == 1
 
 
+@pytest.mark.looptime
 async def test_long_reply_continues_in_new_messages_within_the_limit() -> None:
-    sink = RecordingSink(max_chars=500, min_edit_interval=0.02)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(max_chars=500, min_edit_interval=0.02)
     await renderer.begin()
     paragraph = "word " * 30 + "\n\n"
     code = "```js\n" + "\n".join(f"let v{i} = {i};" for i in range(40)) + "\n```\n\n"
@@ -173,11 +177,14 @@ async def test_long_reply_continues_in_new_messages_within_the_limit() -> None:
         assert open_fence(message) is None
         assert CURSOR not in message
     assert words("\n".join(sink.messages)) == words(result.text)
+    # every page but the newest was finished (its Stop button taken off) before the next
+    assert [c.final for c in sink.calls if c.kind == "post"] == [False] * len(sink.messages)
+    assert sum(1 for c in sink.edits if c.final) >= len(sink.messages)
 
 
+@pytest.mark.looptime
 async def test_thinking_shows_a_thinking_state_and_never_an_empty_message() -> None:
-    sink = RecordingSink(min_edit_interval=0.02)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=0.02)
     await renderer.begin()
     for piece in ["Let me", " think"]:
         renderer.feed(Thinking(piece))
@@ -189,30 +196,34 @@ async def test_thinking_shows_a_thinking_state_and_never_an_empty_message() -> N
     assert sink.messages == ["Answer."]
     assert all(c.text.strip() for c in sink.calls)
     assert "thinking" in sink.waiting  # the platform indicator says so too
+    phases = [c.frame.phase for c in sink.calls if c.frame is not None]
+    assert phases[:2] == [Phase.PLACEHOLDER, Phase.THINKING] and phases[-1] is Phase.COMPLETE
 
 
+@pytest.mark.looptime
 async def test_error_keeps_the_partial_text_and_adds_a_notice() -> None:
-    sink = RecordingSink(min_edit_interval=0.02)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=0.02)
     await renderer.begin()
     renderer.feed(Content("The first half"))
     result = await renderer.finish(Status.ERROR, "The model stopped with an error: boom")
     assert sink.messages == ["The first half\n\n⚠️ The model stopped with an error: boom"]
     assert result.text == "The first half"
+    final = sink.calls[-1].frame
+    assert final is not None and final.phase is Phase.ERROR and final.body == "The first half"
 
 
+@pytest.mark.looptime
 async def test_empty_answer_is_said_not_left_blank() -> None:
-    sink = RecordingSink()
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock()
     await renderer.begin()
     renderer.feed(Done())
     await renderer.finish(Status.COMPLETE)
     assert sink.messages == [EMPTY_ANSWER]
 
 
+@pytest.mark.looptime
 async def test_stopped_reply_is_finalised_as_stopped() -> None:
-    sink = RecordingSink()
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock()
     await renderer.begin()
     renderer.feed(Content("partial"))
     await renderer.finish(Status.STOPPED)
@@ -220,17 +231,59 @@ async def test_stopped_reply_is_finalised_as_stopped() -> None:
     assert sink.calls[-1].final
 
 
+@pytest.mark.looptime
 async def test_first_answer_text_is_shown_at_once_not_after_the_interval() -> None:
-    sink = RecordingSink(min_edit_interval=5.0)
-    renderer = Renderer(sink)
+    sink, renderer = on_loop_clock(min_edit_interval=5.0)
     await renderer.begin()
-    posted = time.monotonic()
+    posted = renderer.clock()
+    renderer.feed(Content("Hello"))
+    await asyncio.sleep(0.01)
+    assert sink.edits, "the first text waited for the edit interval"
+    assert sink.edits[0].started == posted
+    assert sink.edits[0].text.startswith("Hello")
+    await renderer.finish(Status.COMPLETE)
+
+
+# --- the renderer and a shared edit budget (real Redis) --------------------------------------
+
+
+async def test_a_spent_streaming_budget_delays_streaming_but_never_the_final_edit(
+    redis_client: aioredis.Redis,
+) -> None:
+    budget = EditBudget("test:edits:C1", 10, 60.0)  # eight for streaming, two kept
+    budgets = EditBudgets(redis_client)
+    for i in range(8):  # other replies streaming in the same scope spent the streaming part
+        assert (await budgets.take(budget, f"other{i}")).wait == 0
+    sink = RecordingSink(min_edit_interval=0.02, budget=budget)
+    renderer = Renderer(sink, budgets=budgets)
+    await renderer.begin()
+    await stream(renderer, [f"w{i} " for i in range(30)], 0.01)
+    finishing = asyncio.get_running_loop().time()
+    result = await renderer.finish(Status.COMPLETE)
+    # the first text went first; then the budget said wait, for streaming edits only: the
+    # final edit went out at once (not a window later), and no 429 was counted for it
+    assert [c.final for c in sink.edits] == [False, True]
+    assert asyncio.get_running_loop().time() - finishing < 5.0
+    assert sink.messages == [result.text.rstrip()]
+    assert result.rate_limited == 0
+    assert await redis_client.zscore("parley:editors:{test:edits:C1}", renderer.reply_id) is None
+
+
+async def test_a_replys_first_text_goes_before_other_replies_streaming_edits(
+    redis_client: aioredis.Redis,
+) -> None:
+    budget = EditBudget("test:edits:C2", 5, 60.0)
+    budgets = EditBudgets(redis_client)
+    for i in range(4):  # other replies have used all of the streaming part
+        assert (await budgets.take(budget, f"other{i}")).wait == 0
+    sink = RecordingSink(min_edit_interval=0.02, budget=budget)
+    renderer = Renderer(sink, budgets=budgets)
+    await renderer.begin()
     renderer.feed(Content("Hello"))
     for _ in range(100):
         if sink.edits:
             break
         await asyncio.sleep(0.01)
-    assert sink.edits, "the first text waited for the edit interval"
-    assert sink.edits[0].started - posted < 0.5
-    assert sink.edits[0].text.startswith("Hello")
+    assert [c.text for c in sink.edits] == ["Hello" + CURSOR]
+    assert (await budgets.take(budget, "other0")).wait > 0  # streaming still waits
     await renderer.finish(Status.COMPLETE)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -77,6 +78,9 @@ class FakeSlack:
         default_factory=lambda: {"U0ALICE": "Alice", "U0BOB": "Bob Builder", BOT_USER_ID: "parley"}
     )
     echo: bool = False  # deliver our own posts/edits back as events, as Slack does
+    # method → (calls, seconds) allowed to the workspace (Slack's tiers: chat.update is Tier 3,
+    # "50+ per minute"); past it, 429 with Retry-After in whole seconds, as Slack answers
+    tiers: dict[str, tuple[int, float]] = field(default_factory=dict)
     http_event_url: str | None = None  # where HTTP-mode deliveries (and echoes) go
 
     calls: list[ApiCall] = field(default_factory=list)
@@ -87,6 +91,7 @@ class FakeSlack:
     def __post_init__(self) -> None:
         self._changed = asyncio.Condition()
         self._refusals: dict[str, tuple[int, float]] = {}  # method → (429s left, Retry-After)
+        self._tier_calls: dict[str, list[float]] = {}  # method → times of calls it allowed
         self._ts = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
         self._runner: web.AppRunner | None = None
@@ -174,6 +179,8 @@ class FakeSlack:
 
         status, headers = 200, {}
         left, retry_after = self._refusals.get(method, (0, 0.0))
+        if not left and (wait := self._over_tier(method, loop_time)):
+            left, retry_after = 1, float(math.ceil(wait))
         if left:
             self._refusals[method] = (left - 1, retry_after)
             status, headers = 429, {"Retry-After": f"{retry_after:g}"}
@@ -187,6 +194,18 @@ class FakeSlack:
             self._echoes.add(task)
             task.add_done_callback(self._echoes.discard)
         return web.json_response(body, status=status, headers=headers)
+
+    def _over_tier(self, method: str, now: float) -> float:
+        """Seconds until `method` is allowed again under its tier (0: allowed, and counted)."""
+        if method not in self.tiers:
+            return 0.0
+        count, seconds = self.tiers[method]
+        allowed = [t for t in self._tier_calls.get(method, []) if now - t < seconds]
+        self._tier_calls[method] = allowed
+        if len(allowed) >= count:
+            return allowed[-count] + seconds - now
+        allowed.append(now)
+        return 0.0
 
     def _next_ts(self) -> str:
         n = next(self._ts)
