@@ -11,15 +11,12 @@ import logging
 import signal
 import sys
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster
 
 from adapters import platform_adapters
 from adapters.console import ConsoleAdapter
-from bot.app import Parley, connect_redis
-from bot.embedded_redis import EmbeddedRedis
+from bot.app import Parley, check_redis
 from bot.errors import BackendError
 from bot.http import add_routes
 from bot.logs import setup_logging
@@ -94,29 +91,11 @@ async def models(settings: Settings) -> int:
 async def check(settings: Settings) -> int:
     failures = 0
     print("ok    settings")
-    embedded = None
     try:
-        if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings.data_dir / "redis")
-            url = await embedded.start()
-            where = f"embedded, data in {settings.data_dir / 'redis'}"
-        else:
-            url = settings.redis_url.get_secret_value()
-            where = _redacted(url)
-        client = connect_redis(url)
-        try:
-            await client.ping()
-            if isinstance(client, RedisCluster):
-                where += f", a cluster of {len(client.get_primaries())} primaries"
-            print(f"ok    redis ({where})")
-        finally:
-            await client.aclose()
+        print(f"ok    redis ({await check_redis(settings)})")
     except Exception as e:
         failures += 1
         print(f"FAIL  redis: {type(e).__name__}: {e}")
-    finally:
-        if embedded is not None:
-            await embedded.stop()
     router = _router(settings)
     try:
         for name in router.order:
@@ -130,11 +109,6 @@ async def check(settings: Settings) -> int:
     finally:
         await router.aclose()
     return 1 if failures else 0
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)  # every host (Sentinel and Cluster URLs list several), no password
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _router(settings: Settings) -> Router:

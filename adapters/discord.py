@@ -227,13 +227,6 @@ class DiscordAdapter:
         settings = parley.settings
         if settings.discord_token is None:
             raise ValueError("PARLEY_DISCORD_TOKEN is not set")
-        if settings.discord_shard_ids:
-            if settings.discord_shard_count is None:
-                raise ValueError("PARLEY_DISCORD_SHARD_IDS needs PARLEY_DISCORD_SHARD_COUNT")
-            if any(not 0 <= i < settings.discord_shard_count for i in settings.discord_shard_ids):
-                raise ValueError(
-                    "PARLEY_DISCORD_SHARD_IDS must be below PARLEY_DISCORD_SHARD_COUNT"
-                )
         self.parley = parley
         self.settings = settings
         self.access = Access.from_settings(settings)

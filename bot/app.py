@@ -100,6 +100,32 @@ def connect_redis(url: str, *, max_connections: int = 200) -> RedisClient:
     return aioredis.Redis(connection_pool=pool)
 
 
+async def check_redis(settings: Settings) -> str:
+    """Reach the configured Redis (the embedded one, started and stopped for it, when none is
+    configured) and say which it is: every host, never the password. Raises if it cannot."""
+    embedded = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir / "redis")
+            url = await embedded.start()
+            where = f"embedded, data in {settings.data_dir / 'redis'}"
+        else:
+            url = settings.redis_url.get_secret_value()
+            parts = urlsplit(url)  # Sentinel and Cluster URLs list several hosts
+            where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        client = connect_redis(url)
+        try:
+            await client.ping()
+            if isinstance(client, RedisCluster):
+                where += f", a cluster of {len(client.get_primaries())} primaries"
+        finally:
+            await client.aclose()
+        return where
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
 def rate_storage(url: str, prefix: str, max_connections: int) -> RedisStorage | None:
     """The `limits` storage for a cluster (it keeps its own cluster client); None otherwise
     (the Limiter then shares our client's pool)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import (
     BaseModel,
     Field,
@@ -21,7 +22,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CLOUD_URL = "https://ollama.com"
 DEFAULT_OLLAMA_PORT = 11434
-_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.I)
 
 
 def parse_ollama_host(value: str | None) -> str:
@@ -83,14 +83,14 @@ class RateLimit(BaseModel):
 
 
 def parse_rate(value: str) -> RateLimit:
-    match = _RATE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a rate like '10/minute' or '100 per hour'")
-    count, multiple, unit = int(match[1]), int(match[2] or 1), match[3].lower()
-    seconds = multiple * {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[unit]
-    if count < 1:
+    """A rate in the `limits` library's notation: `10/minute`, `100 per hour`, `5/2 minutes`."""
+    try:
+        item = limits.parse(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a rate like '10/minute' or '100 per hour'") from None
+    if item.amount < 1:
         raise ValueError("the count must be at least 1")
-    return RateLimit(count=count, seconds=seconds, text=f"{count}/{multiple} {unit}")
+    return RateLimit(count=item.amount, seconds=item.get_expiry(), text=str(item))
 
 
 def redis_nodes(url: str, default_port: int) -> list[tuple[str, int]]:
@@ -262,9 +262,10 @@ class Settings(BaseSettings):
         if self.discord_shard_ids:
             if self.discord_shard_count is None:
                 raise ValueError("PARLEY_DISCORD_SHARD_IDS: needs PARLEY_DISCORD_SHARD_COUNT")
-            if max(self.discord_shard_ids) >= self.discord_shard_count:
+            if not all(0 <= i < self.discord_shard_count for i in self.discord_shard_ids):
                 raise ValueError(
-                    "PARLEY_DISCORD_SHARD_IDS: every id must be below PARLEY_DISCORD_SHARD_COUNT"
+                    "PARLEY_DISCORD_SHARD_IDS: every id must be from 0 to below "
+                    "PARLEY_DISCORD_SHARD_COUNT"
                 )
         if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
             raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")

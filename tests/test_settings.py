@@ -182,6 +182,15 @@ MORE_BAD_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     ),
     "ollama_host_bad_scheme": ({"OLLAMA_HOST": "ftp://h"}, "OLLAMA_HOST"),
     "app_token_not_xapp": ({"PARLEY_SLACK_APP_TOKEN": "xoxb-1"}, "PARLEY_SLACK_APP_TOKEN"),
+    "shard_id_negative": (
+        {"PARLEY_DISCORD_SHARD_IDS": "-1", "PARLEY_DISCORD_SHARD_COUNT": "2"},
+        "PARLEY_DISCORD_SHARD_IDS",
+    ),
+    "shard_id_past_the_count": (
+        {"PARLEY_DISCORD_SHARD_IDS": "0,2", "PARLEY_DISCORD_SHARD_COUNT": "2"},
+        "PARLEY_DISCORD_SHARD_IDS",
+    ),
+    "shard_ids_without_a_count": ({"PARLEY_DISCORD_SHARD_IDS": "0"}, "PARLEY_DISCORD_SHARD_IDS"),
 }
 
 
