@@ -37,6 +37,16 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
+async def own_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A redis-server of this test's own, which it may stop and start again (on the same
+    port, as a restarted server or a failover would be)."""
+    server = EmbeddedRedis(None, persist=False)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
 async def model_server() -> AsyncIterator[FakeModelServer]:
     """A fake Ollama serving DEFAULT_MODELS; it echoes each question unless a test scripts it.
 

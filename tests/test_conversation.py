@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,11 +12,13 @@ import redis.asyncio as aioredis
 
 from bot.app import Parley
 from bot.conversation import Outcome
+from bot.embedded_redis import EmbeddedRedis
+from bot.errors import StateUnavailable, describe
 from bot.markdown import PLACEHOLDER
-from bot.turn import ConversationKey, Turn
+from bot.turn import ConversationKey, EditBudget, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
-from tests.support import make_settings
+from tests.support import make_settings, until
 
 KEY = ConversationKey("slack", "T1", "C1", "1700000000.000100")
 
@@ -264,3 +267,27 @@ async def test_a_failure_nobody_anticipated_still_ends_the_reply_and_frees_the_t
     again = RecordingSink(min_edit_interval=0.05)
     assert await parley.conversation.handle(turn("next"), again) is Outcome.COMPLETE
     assert again.messages == ["You said: next"]
+
+
+async def test_redis_lost_while_a_reply_streams_the_reply_ends_and_says_it_is_not_remembered(
+    model_server: FakeModelServer, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    parley = await Parley.open(make_settings(own_redis.url, model_server))
+    try:
+        model_server.script(Script(tokens=["word "] * 40, delay=0.02))
+        budget = EditBudget("slack:chat.update:T1", 50, 60.0)
+        sink = RecordingSink(min_edit_interval=0.05, budget=budget)
+        answering = asyncio.create_task(parley.conversation.handle(turn("go on"), sink))
+        await until(lambda: len(sink.edits) >= 1)
+        await own_redis.stop()  # the edit budget and then the history are out of reach
+        assert await answering is Outcome.COMPLETE
+        assert sink.messages == [("word " * 40).rstrip()]  # the whole reply, in its final state
+        assert sink.notices == [describe(StateUnavailable(after_reply=True))]
+
+        await own_redis.start()
+        again = RecordingSink(min_edit_interval=0.05, budget=budget)
+        assert await parley.conversation.handle(turn("back?"), again) is Outcome.COMPLETE
+    finally:
+        await parley.aclose()
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks

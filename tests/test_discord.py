@@ -771,36 +771,35 @@ async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
 
 
 async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
-    model_server: FakeModelServer, fake: FakeDiscord, alice: Json, caplog: pytest.LogCaptureFixture
+    model_server: FakeModelServer,
+    fake: FakeDiscord,
+    alice: Json,
+    caplog: pytest.LogCaptureFixture,
+    own_redis: EmbeddedRedis,
 ) -> None:
     caplog.set_level(logging.INFO)
     unavailable = describe(StateUnavailable())
-    redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
-    await redis.start()
-    try:
-        async with running(discord_settings(redis.url, model_server, fake)):
-            model_server.script(Script(tokens=["Before", " the", " outage."]))
-            await fake.say(alice, f"{mention(fake)} hello")
-            before = await fake.wait_for(final("Before the outage."))
-            await redis.stop()
+    async with running(discord_settings(own_redis.url, model_server, fake)):
+        model_server.script(Script(tokens=["Before", " the", " outage."]))
+        await fake.say(alice, f"{mention(fake)} hello")
+        before = await fake.wait_for(final("Before the outage."))
+        await own_redis.stop()
 
-            await fake.say(alice, f"{mention(fake)} are you there?")
-            await fake.wait_for(final(unavailable))
-            # a reply to the bot: which conversation it continues is itself kept in Redis
-            await fake.say(alice, "and now?", reply_to=before["id"])
-            await fake.wait_for(
-                lambda f: [m["content"] for m in f.bot_messages()].count(unavailable) == 2
-            )
-            iid = await fake.slash(alice, "reset")
-            await fake.wait_for(lambda f: f.interaction_replies(iid))
-            assert fake.interaction_replies(iid) == [unavailable]
+        await fake.say(alice, f"{mention(fake)} are you there?")
+        await fake.wait_for(final(unavailable))
+        # a reply to the bot: which conversation it continues is itself kept in Redis
+        await fake.say(alice, "and now?", reply_to=before["id"])
+        await fake.wait_for(
+            lambda f: [m["content"] for m in f.bot_messages()].count(unavailable) == 2
+        )
+        iid = await fake.slash(alice, "reset")
+        await fake.wait_for(lambda f: f.interaction_replies(iid))
+        assert fake.interaction_replies(iid) == [unavailable]
 
-            await redis.start()  # the same port, as a restarted server or a failover would be
-            model_server.script(Script(tokens=["Back", " again."]))
-            await fake.say(alice, "after", reply_to=before["id"])
-            await fake.wait_for(final("Back again."))
-    finally:
-        await redis.stop()
+        await own_redis.start()  # the same port, as a restarted server or a failover would be
+        model_server.script(Script(tokens=["Back", " again."]))
+        await fake.say(alice, "after", reply_to=before["id"])
+        await fake.wait_for(final("Back again."))
 
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
     told = [r for r in caplog.records if "redis unavailable" in r.getMessage()]

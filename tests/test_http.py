@@ -24,14 +24,6 @@ def turn(text: str) -> Turn:
 
 
 @pytest.fixture
-async def own_redis() -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis(None, persist=False)  # this test's own: it gets killed
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def stack(
     own_redis: EmbeddedRedis, model_server: FakeModelServer
 ) -> AsyncIterator[tuple[Parley, FakeModelServer, str]]:

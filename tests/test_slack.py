@@ -748,35 +748,34 @@ def test_the_manifest_declares_what_the_adapter_handles() -> None:
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
 async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itself(
-    slack: FakeSlack, model_server: FakeModelServer, mode: str, caplog: pytest.LogCaptureFixture
+    slack: FakeSlack,
+    model_server: FakeModelServer,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+    own_redis: EmbeddedRedis,
 ) -> None:
     caplog.set_level(logging.INFO)
     unavailable = describe(StateUnavailable())
-    redis = EmbeddedRedis(None, persist=False)  # this test's own: it is stopped and restarted
-    await redis.start()
-    try:
-        async with slack_bot(slack, model_server, redis.url, mode) as bot:
-            first = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
-            await send_event(slack, bot, first)
-            await reply_in_thread(slack, first["ts"], "You said: hello")
-            await redis.stop()
+    async with slack_bot(slack, model_server, own_redis.url, mode) as bot:
+        first = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
+        await send_event(slack, bot, first)
+        await reply_in_thread(slack, first["ts"], "You said: hello")
+        await own_redis.stop()
 
-            during = slack.user_message(f"<@{BOT_USER_ID}> still there?", event_type="app_mention")
-            await send_event(slack, bot, during)
-            await reply_in_thread(slack, during["ts"], unavailable)
-            # thread chatter without a mention: with no Redis there is no telling whether it is
-            # for Parley, so it is not answered (rather than a notice in every thread)
-            chatter = slack.user_message("is it down?", thread_ts=first["ts"])
-            await send_event(slack, bot, chatter)
-            reset = await send_command(slack, bot, "/reset")
-            assert reset["text"] == unavailable
+        during = slack.user_message(f"<@{BOT_USER_ID}> still there?", event_type="app_mention")
+        await send_event(slack, bot, during)
+        await reply_in_thread(slack, during["ts"], unavailable)
+        # thread chatter without a mention: with no Redis there is no telling whether it is
+        # for Parley, so it is not answered (rather than a notice in every thread)
+        chatter = slack.user_message("is it down?", thread_ts=first["ts"])
+        await send_event(slack, bot, chatter)
+        reset = await send_command(slack, bot, "/reset")
+        assert reset["text"] == unavailable
 
-            await redis.start()  # the same port, as a restarted server or a failover would be
-            after = slack.user_message(f"<@{BOT_USER_ID}> back?", event_type="app_mention")
-            await send_event(slack, bot, after)
-            await reply_in_thread(slack, after["ts"], "You said: back?")
-    finally:
-        await redis.stop()
+        await own_redis.start()  # the same port, as a restarted server or a failover would be
+        after = slack.user_message(f"<@{BOT_USER_ID}> back?", event_type="app_mention")
+        await send_event(slack, bot, after)
+        await reply_in_thread(slack, after["ts"], "You said: back?")
 
     assert thread_text(slack, first["ts"]) == "You said: hello"  # the chatter got no answer
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
