@@ -42,7 +42,7 @@ WATCH = (
     ("httpx: the response's byte iterators", "httpx/_models.py", "aiter_raw"),
     ("httpx-aiohttp: the body, chunk by chunk", "httpx_aiohttp/transport.py", "__aiter__"),
     ("aiohttp: reading the body", "aiohttp/streams.py", "read"),
-    ("aiohttp: each packet (C parser, read timer)", "aiohttp/client_proto.py", "data_received"),
+    ("aiohttp: each packet (C parser)", "aiohttp/client_proto.py", "data_received"),
     ("h11: HTTP/1.1 chunked parsing (httpcore)", "httpcore/_async/http11.py", "_receive_event"),
     ("json.loads of each line", "json/__init__.py", "loads"),
     ("renderer.feed() per chunk", "bot/streaming.py", "feed"),
