@@ -84,15 +84,15 @@ class BackendTransport(AiohttpTransport):
     (httpx keeps cookies); and its error map calls every aiohttp connection error (refused,
     reset, DNS, certificate) a ConnectTimeout and lets a malformed answer out as an aiohttp
     error. httpx's timeouts become aiohttp's: connect → sock_connect, pool → connect (the whole
-    connection, TLS included), read → sock_read. Bodies reach httpx undecoded, and httpx
-    decodes their Content-Encoding.
+    connection, TLS included), read → sock_read (unset: see make_client). Bodies reach httpx
+    undecoded, and httpx decodes their Content-Encoding.
     """
 
     def __init__(self) -> None:
         tls = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR, as httpx
 
         def session() -> aiohttp.ClientSession:  # made at the first request, in the loop
-            connector = aiohttp.TCPConnector(limit=0, ssl=tls, keepalive_timeout=5.0)
+            connector = aiohttp.TCPConnector(limit=0, ssl=tls, keepalive_timeout=5.0)  # as httpx
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
         super().__init__(verify=tls, client=session)
