@@ -11,20 +11,18 @@
    Parley's Router in place of the core's backend object), same table as bench.concurrency.
 4. Per reply: short replies (10 tokens, no wait) one after another through one client, per
    reader: the fixed cost of a request (connection, pool, headers), CPU and wall time per reply.
-   "core, sniffio looked up" is the core with httpcore's failed `import sniffio` as it was before
-   bot/backends/transport.py put None in sys.modules for it (that entry is process-wide, so the
-   other readers in this process run without the lookup too).
+
+`asyncio-transport` (the core's transport before httpx-aiohttp, see bench/variants.py) puts None
+in sys.modules for `sniffio` when it is first used, as it did in the core: that entry is
+process-wide, so readers on httpcore that run after it in this process do not look it up.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from bench import concurrency
@@ -49,7 +47,7 @@ READERS: dict[str, Any] = {"core": OllamaBackend, **VARIANTS}
 
 
 async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> dict[str, Any]:
-    """n concurrent /api/chat streams through `reader`, ⌈n/100⌉ clients (the core's pool cap)."""
+    """n concurrent /api/chat streams through `reader`, ⌈n/100⌉ clients (as bench.concurrency)."""
     cls = READERS[reader]
     clients = [
         cls(BackendConfig(name=f"b{i}", kind="ollama", url=url), Timeouts())
@@ -84,38 +82,22 @@ async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> 
     }
 
 
-@contextlib.contextmanager
-def sniffio_looked_up() -> Iterator[None]:
-    """httpcore's `import sniffio` walks sys.path again, as before bot/backends/transport.py."""
-    saved = sys.modules.pop("sniffio", "absent")
-    try:
-        yield
-    finally:
-        if saved is None:
-            sys.modules["sniffio"] = None
-
-
 async def per_reply(url: str, reader: str, n: int) -> dict[str, Any]:
     """n short replies one after another through one client: CPU and wall time per reply."""
-    cls = READERS["core" if reader == SNIFFIO else reader]
-    client = cls(BackendConfig(name="b0", kind="ollama", url=url), Timeouts())
+    client = READERS[reader](BackendConfig(name="b0", kind="ollama", url=url), Timeouts())
     messages = [Message("user", "Hello!")]
     walls: list[float] = []
-    with sniffio_looked_up() if reader == SNIFFIO else contextlib.nullcontext():
-        async for _ in client.chat(MODEL, messages):  # warm: connection, imports
+    async for _ in client.chat(MODEL, messages):  # warm: connection, imports
+        pass
+    cpu0 = cpu_seconds()
+    for _ in range(n):
+        started = time.monotonic()
+        async for _ in client.chat(MODEL, messages):
             pass
-        cpu0 = cpu_seconds()
-        for _ in range(n):
-            started = time.monotonic()
-            async for _ in client.chat(MODEL, messages):
-                pass
-            walls.append(time.monotonic() - started)
-        cpu = cpu_seconds() - cpu0
+        walls.append(time.monotonic() - started)
+    cpu = cpu_seconds() - cpu0
     await client.aclose()
     return {"cpu": cpu / n, "wall_p50": percentile(walls, 0.5), "wall_p99": percentile(walls, 0.99)}
-
-
-SNIFFIO = "core, sniffio looked up"
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -190,11 +172,10 @@ async def main_async(args: argparse.Namespace) -> None:
     n = args.replies
     print(f"4. Per reply: {n} short replies one after another, per reader\n", flush=True)
     short = BackendOptions(tokens=10, tps="1000,1000", ttft=0.0)
-    readers = ["core", SNIFFIO, *VARIANTS]
-    replies: dict[str, list[dict[str, Any]]] = {r: [] for r in readers}
+    replies: dict[str, list[dict[str, Any]]] = {r: [] for r in READERS}
     async with backends(short, 1) as quick:
         for _ in range(args.repeat):
-            for reader in readers:
+            for reader in READERS:
                 replies[reader].append(await per_reply(quick[0].url, reader, n))
     core_cpu = sum(r["cpu"] for r in replies["core"]) / args.repeat
     rows = []

@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 from types import FrameType
+
+ROOT = f"{Path(__file__).resolve().parent.parent}/"  # the checkout: bot/… and bench/… below it
 
 GROUPS = (
     ("/bot/backends/", "bot.backends (HTTP stream → chunks)"),
@@ -21,6 +24,7 @@ GROUPS = (
     ("/bot/", "bot (other)"),
     ("/bench/", "bench (fake platform, monitor)"),
     ("/httpx/", "httpx"),
+    ("/httpx_aiohttp/", "httpx-aiohttp (the transport)"),
     ("/httpcore/", "httpcore"),
     ("/h11/", "h11 (HTTP/1.1 parser)"),
     ("/anyio/", "anyio"),
@@ -35,14 +39,14 @@ GROUPS = (
 
 WATCH = (
     ("reading the backend stream, per line", "bot/backends/ollama.py", "timed_lines"),
-    ("socket reads (bot/backends/transport.py)", "bot/backends/transport.py", "read"),
-    ("socket reads through anyio (httpx's default)", "httpcore/_backends/anyio.py", "read"),
-    ("asyncio.timeout() (per line before StallTimer)", "asyncio/timeouts.py", "timeout"),
-    ("h11: HTTP/1.1 chunked parsing", "httpcore/_async/http11.py", "_receive_event"),
+    ("httpx: the response's byte iterators", "httpx/_models.py", "aiter_raw"),
+    ("httpx-aiohttp: the body, chunk by chunk", "httpx_aiohttp/transport.py", "__aiter__"),
+    ("aiohttp: reading the body", "aiohttp/streams.py", "read"),
+    ("aiohttp: each packet (C parser)", "aiohttp/client_proto.py", "data_received"),
+    ("h11: HTTP/1.1 chunked parsing (httpcore)", "httpcore/_async/http11.py", "_receive_event"),
     ("json.loads of each line", "json/__init__.py", "loads"),
     ("renderer.feed() per chunk", "bot/streaming.py", "feed"),
     ("redis-py: importlib.metadata per new connection", "redis/utils.py", "get_lib_version"),
-    ("httpcore: looking for sniffio", "httpcore/_synchronization.py", "current_async_library"),
     ("per-user rate check (limits library)", "bot/ratelimit.py", "check_rate"),
     ("router.open (request, first chunk)", "bot/router.py", "open"),
 )
@@ -58,7 +62,7 @@ def group_of(filename: str) -> str:
 def label(frame: FrameType) -> str:
     code = frame.f_code
     path = code.co_filename
-    for marker in ("/site-packages/", "/lib/python3.11/", "/work/main/"):
+    for marker in ("/site-packages/", "/lib/python3.11/", ROOT):
         if marker in path:
             path = path.split(marker, 1)[1]
             break

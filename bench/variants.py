@@ -1,45 +1,75 @@
-"""Readers of the backend's NDJSON stream to compare with the core's (see bench/profile.py).
+"""Backend readers to measure the core's against (bench/profile.py, `bench.concurrency --variant`).
 
-The profile's hot path is reading the backend stream. Each class here implements the core's
-Backend protocol (name, config, chat(), list_models(), aclose()) with the same typed chunks and
-typed errors, so a Router can be handed one in place of the core's object (dependency injection,
-no patching of core functions).
+Each implements the core's Backend protocol (name, config, chat(), list_models(), aclose()) with
+the same typed chunks and errors, so a Router can be handed one in place of the core's object
+(dependency injection, no patching of core functions).
 
-  previous     the core before the asyncio transport: httpx's default transport (anyio), httpx's
-               byte → text → line decoders and an `asyncio.timeout()` around every line.
-  core-anyio   today's core reader (raw bytes split into lines, one `StallTimer` per stream) on
-               httpx's default transport: what the transport alone is worth (vs core) and what the
-               line reader alone is worth (vs previous).
-  aiohttp      aiohttp's client (already a Parley dependency; its HTTP parser is C) with the same
-               line loop and one idle watchdog per stream; not the core's client (the ground rules
-               name httpx), kept as the yardstick.
+  asyncio-transport  the core before httpx-aiohttp: today's `OllamaBackend` on the transport it
+                     had at BEFORE (httpcore's pool and h11 on asyncio's own sockets, with its
+                     process-wide `sniffio` entry), read from git history at run time, so that
+                     before and after are measured in one run without a copy of it in the tree.
+  aiohttp            aiohttp's client used directly, with the same line loop and one idle
+                     watchdog per stream: the yardstick for what httpx's own layers still cost
+                     on top of aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import subprocess
+import sys
+import types
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 
 from bot.backends.base import (
-    POOL_LIMITS,
     Chunk,
     Done,
     Message,
     Timeouts,
     error_text,
     make_client,
-    open_stream,
     status_error,
-    transport_error,
 )
 from bot.backends.ollama import OllamaBackend, chunks_of, request_body
 from bot.errors import BackendStreamError, BackendTimeout, BackendUnreachable
 from bot.settings import BackendConfig
+
+# The last commit whose core read through bot/backends/transport.py, and its pool limits.
+BEFORE = "8abd922"
+BEFORE_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=50)
+
+
+@functools.cache
+def before_transport() -> types.ModuleType:
+    """bot/backends/transport.py as it was at BEFORE, as a module of its own (needs git)."""
+    root = Path(__file__).resolve().parent.parent
+    path = f"{BEFORE}:bot/backends/transport.py"
+    source = subprocess.run(
+        ["git", "show", path], cwd=root, capture_output=True, check=True, text=True
+    ).stdout
+    module = types.ModuleType("bench_before_transport")
+    sys.modules[module.__name__] = module
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+class BeforeOllama(OllamaBackend):
+    """Today's `OllamaBackend`, unchanged, on the transport of BEFORE."""
+
+    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
+        # not super().__init__: that would make a client on the core's transport
+        self.name = config.name
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        transport = before_transport().AsyncioTransport(limits=BEFORE_LIMITS)
+        self.client = make_client(config, self.timeouts, transport=transport)
 
 
 class IdleWatchdog:
@@ -76,70 +106,6 @@ class IdleWatchdog:
 
     def close(self) -> None:
         self.handle.cancel()
-
-
-def anyio_client(config: BackendConfig, timeouts: Timeouts) -> httpx.AsyncClient:
-    """`make_client` as it was: the same headers, timeouts and pool limits, httpx's transport."""
-    return make_client(config, timeouts, transport=httpx.AsyncHTTPTransport(limits=POOL_LIMITS))
-
-
-async def decoded_lines(
-    response: httpx.Response, backend: str, timeouts: Timeouts
-) -> AsyncIterator[str]:
-    """The core's line reader before `StallTimer`: httpx's decoders, a timeout per line."""
-    lines = response.aiter_lines()
-    limit = timeouts.first_chunk
-    while True:
-        try:
-            async with asyncio.timeout(limit):
-                line = await anext(lines)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise BackendTimeout(backend, f"no output for {limit:.0f}s") from None
-        limit = timeouts.idle
-        if line.strip():
-            yield line
-
-
-class CoreAnyioOllama(OllamaBackend):
-    """Today's `OllamaBackend`, unchanged, on httpx's default (anyio) transport."""
-
-    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
-        # not super().__init__: that would make (and leak) a client on the asyncio transport
-        self.name = config.name
-        self.config = config
-        self.timeouts = timeouts or Timeouts()
-        self.client = anyio_client(config, self.timeouts)
-
-
-class PreviousOllama(CoreAnyioOllama):
-    """`OllamaBackend` as it was before the asyncio transport (code 7e0b6aa): httpx's transport
-    and decoders, a timeout per line, the connection closed after each reply."""
-
-    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
-        request = self.client.build_request("POST", "/api/chat", json=request_body(model, messages))
-        response = await open_stream(self.client, request, self.name, model)
-        try:
-            started = False
-            try:
-                async for line in decoded_lines(response, self.name, self.timeouts):
-                    try:
-                        data: dict[str, Any] = json.loads(line)
-                    except ValueError:
-                        raise BackendStreamError(self.name, "malformed output") from None
-                    for chunk in chunks_of(data, self.name):
-                        started = True
-                        yield chunk
-                        if isinstance(chunk, Done):
-                            return
-            except httpx.TransportError as e:
-                if started:
-                    raise BackendStreamError(self.name, "the connection broke") from e
-                raise transport_error(self.name, e) from e
-            raise BackendStreamError(self.name, "the stream ended without finishing")
-        finally:
-            await response.aclose()
 
 
 class AiohttpOllama:
@@ -215,8 +181,7 @@ class AiohttpOllama:
 
 
 VARIANTS: dict[str, type[Any]] = {
-    "previous": PreviousOllama,
-    "core-anyio": CoreAnyioOllama,
+    "asyncio-transport": BeforeOllama,
     "aiohttp": AiohttpOllama,
 }
 

@@ -88,8 +88,12 @@ def _cut(text: str, room: int) -> tuple[str, str]:
         cut = room
         line_start = text.rfind("\n", 0, cut) + 1
     # a cut inside a line must not start the next message with something that reads as a fence
-    while cut > line_start + 1 and text[cut] in "`~ ":
-        cut -= 1
+    # (up to three spaces, then ``` or ~~~): move it back, to the line's start if need be
+    moved = cut
+    while moved > line_start and text[moved] in "`~ ":
+        moved -= 1
+    if moved > 0:  # not back to the very start: a fence line longer than a message stays cut
+        cut = moved
     head, tail = text[:cut].rstrip(), text[cut:].lstrip("\n")
     if (shown := open_fence(head)) is not None:
         head = head + "\n" + fence_closer(shown)

@@ -15,7 +15,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bot.settings import Settings
+from bot.backends.base import Backend, Timeouts
+from bot.backends.ollama import OllamaBackend
+from bot.backends.openai import OpenAIBackend
+from bot.settings import BackendConfig, Settings
 from bot.turn import ConversationKey, Turn
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.model_server import FakeModelServer
@@ -83,3 +86,12 @@ def closed_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def make_backend(
+    kind: str, url: str, *, api_key: str | None = None, timeouts: Timeouts | None = None
+) -> Backend:
+    """An Ollama or OpenAI-kind backend named `<kind>-box` at `url`, with short timeouts."""
+    config = BackendConfig(name=f"{kind}-box", kind=kind, url=url, api_key=api_key)  # type: ignore[arg-type]
+    cls = OllamaBackend if kind == "ollama" else OpenAIBackend
+    return cls(config, timeouts or Timeouts(connect=2, first_chunk=5, idle=5))

@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bot.backends.base import Backend, Chunk, Content, Done, Message, Thinking, Timeouts
-from bot.backends.ollama import OllamaBackend
-from bot.backends.openai import OpenAIBackend
 from bot.errors import (
     BackendBadRequest,
     BackendBusy,
@@ -23,21 +21,12 @@ from bot.errors import (
     ModelNotFound,
     describe,
 )
-from bot.settings import BackendConfig
 from tests.fakes.model_server import FakeModelServer, Script
-from tests.support import closed_url, until
+from tests.support import closed_url, make_backend, until
 
 KEY = "sk-test-never-shown-4242"
 HELLO = [Message("user", "hello")]
 KINDS = ["ollama", "openai"]
-
-
-def make_backend(
-    kind: str, url: str, *, api_key: str | None = None, timeouts: Timeouts | None = None
-) -> Backend:
-    config = BackendConfig(name=f"{kind}-box", kind=kind, url=url, api_key=api_key)  # type: ignore[arg-type]
-    cls = OllamaBackend if kind == "ollama" else OpenAIBackend
-    return cls(config, timeouts or Timeouts(connect=2, first_chunk=5, idle=5))
 
 
 @pytest.fixture(params=KINDS)

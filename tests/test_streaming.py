@@ -287,3 +287,12 @@ async def test_a_replys_first_text_goes_before_other_replies_streaming_edits(
     assert [c.text for c in sink.edits] == ["Hello" + CURSOR]
     assert (await budgets.take(budget, "other0")).wait > 0  # streaming still waits
     await renderer.finish(Status.COMPLETE)
+
+
+def test_a_cut_before_a_fence_like_run_moves_to_the_start_of_its_line() -> None:
+    # found by hypothesis: a cut after "? " left the next message starting with " ```xxx…"
+    text = "?" * 9 + "x" * 56 + "?\n? ```" + "x" * 50
+    pages = split_message(text, 60)
+    assert all(open_fence(page) is None for page in pages[:-1])
+    assert open_fence(pages[-1]) is None
+    assert loses_nothing(text, "\n".join(pages))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
-from bot.backends.transport import AsyncioTransport
 from bot.errors import (
     BackendBadRequest,
     BackendBusy,
@@ -73,8 +75,37 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
-# the router's per-backend cap limits generations; the pool must not refuse them first
-POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=50)
+class BackendTransport(AiohttpTransport):
+    """httpx's client API on aiohttp's connection pool and C HTTP parser (httpx-aiohttp).
+
+    Put right here for httpx-aiohttp 0.2.0: it turns httpx's `max_connections=None` into
+    aiohttp's default cap of 100, so the session is made here, with no cap (the router's
+    per-backend cap limits generations; the pool must not refuse them first) and no cookie jar
+    (httpx keeps cookies); and its error map calls every aiohttp connection error (refused,
+    reset, DNS, certificate) a ConnectTimeout and lets a malformed answer out as an aiohttp
+    error. httpx's timeouts become aiohttp's: connect → sock_connect, pool → connect (the whole
+    connection, TLS included), read → sock_read (unset: see make_client). Bodies reach httpx
+    undecoded, and httpx decodes their Content-Encoding.
+    """
+
+    def __init__(self) -> None:
+        tls = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR, as httpx
+
+        def session() -> aiohttp.ClientSession:  # made at the first request, in the loop
+            connector = aiohttp.TCPConnector(limit=0, ssl=tls, keepalive_timeout=5.0)  # as httpx
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        super().__init__(verify=tls, client=session)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.ConnectTimeout as e:
+            if isinstance(e.__cause__, aiohttp.ServerTimeoutError):
+                raise
+            raise httpx.ConnectError(str(e)) from e.__cause__
+        except aiohttp.ClientError as e:
+            raise httpx.RemoteProtocolError(str(e) or type(e).__name__) from e
 
 
 def make_client(
@@ -84,9 +115,7 @@ def make_client(
 ) -> httpx.AsyncClient:
     """One pooled client per backend; the bearer header only when a key is configured.
 
-    Its transport reads sockets through asyncio's protocol callbacks rather than anyio (see
-    bot/backends/transport.py; the same httpx client, connection pool and errors). `transport`:
-    another one, e.g. httpx's default, to measure against (bench/variants.py).
+    `transport`: another one than `BackendTransport`, to measure against (bench/variants.py).
     """
     headers = {"User-Agent": "parley/0.1"}
     if config.api_key is not None:
@@ -94,29 +123,38 @@ def make_client(
     return httpx.AsyncClient(
         base_url=config.url,
         headers=headers,
+        # no read timeout: open_stream times the answer, timed_lines the body
         timeout=httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.first_chunk, write=30.0, pool=timeouts.connect
+            connect=timeouts.connect, read=None, write=30.0, pool=timeouts.connect
         ),
-        transport=transport or AsyncioTransport(limits=POOL_LIMITS),
+        transport=transport or BackendTransport(),
     )
 
 
 async def open_stream(
-    client: httpx.AsyncClient, request: httpx.Request, backend: str, model: str
+    client: httpx.AsyncClient, request: httpx.Request, backend: str, model: str, *, within: float
 ) -> httpx.Response:
     """Send a streaming request: the response to read (and close), or the typed error of an
-    unreachable server or of any answer but 200."""
+    unreachable server, of no answer `within` seconds, or of any answer but 200.
+
+    The wait for the answer is timed here, once per request, and the body by `timed_lines`: not
+    by a read timeout, which aiohttp re-arms on every packet (docs/benchmarks.md §4).
+    """
     try:
-        response = await client.send(request, stream=True)
-    except httpx.TransportError as e:
-        raise transport_error(backend, e) from e
-    if response.status_code != 200:
-        try:
-            text = error_text(await response.aread())
-        finally:
-            await response.aclose()
-        raise status_error(backend, model, response.status_code, text, response.headers)
-    return response
+        async with asyncio.timeout(within):
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as e:
+                raise transport_error(backend, e) from e
+            if response.status_code == 200:
+                return response
+            try:
+                text = error_text(await response.aread())
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        raise BackendTimeout(backend, "no answer in time") from None
+    raise status_error(backend, model, response.status_code, text, response.headers)
 
 
 def error_text(body: bytes) -> str:

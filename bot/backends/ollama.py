@@ -175,7 +175,9 @@ class OllamaBackend:
 
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
         request = self.client.build_request("POST", "/api/chat", json=request_body(model, messages))
-        response = await open_stream(self.client, request, self.name, model)
+        response = await open_stream(
+            self.client, request, self.name, model, within=self.timeouts.first_chunk
+        )
         try:
             started = False
             lines = timed_lines(response, self.name, self.timeouts)

@@ -44,7 +44,9 @@ class OpenAIBackend:
             "stream_options": {"include_usage": True},
         }
         request = self.client.build_request("POST", f"{self.prefix}/chat/completions", json=body)
-        response = await open_stream(self.client, request, self.name, model)
+        response = await open_stream(
+            self.client, request, self.name, model, within=self.timeouts.first_chunk
+        )
         try:
             started = False
             reason: str | None = None
