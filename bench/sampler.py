@@ -38,7 +38,7 @@ GROUPS = (
 
 
 WATCH = (
-    ("reading the backend stream, per line", "bot/backends/ollama.py", "timed_lines"),
+    ("reading the backend stream, per line", "bot/backends/base.py", "timed_lines"),
     ("httpx: the response's byte iterators", "httpx/_models.py", "aiter_raw"),
     ("httpx-aiohttp: the body, chunk by chunk", "httpx_aiohttp/transport.py", "__aiter__"),
     ("aiohttp: reading the body", "aiohttp/streams.py", "read"),

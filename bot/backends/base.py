@@ -1,11 +1,13 @@
-"""What every backend yields and how it is reached: typed chunks, a shared HTTP client, errors."""
+"""What every backend yields and how it is reached: typed chunks, a shared HTTP client, errors,
+and the timed reading of a streamed body."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -216,3 +218,114 @@ def transport_error(backend: str, error: httpx.TransportError) -> BackendError:
     if isinstance(error, httpx.ReadTimeout):  # no status line yet: the model is still loading
         return BackendTimeout(backend, "no answer in time")
     return BackendUnreachable(backend, type(error).__name__)
+
+
+# --- reading a streamed body (both kinds of backend) ------------------------------------
+
+
+class StallTimer:
+    """Cancels the reading task when one wait for the next line outlasts its limit.
+
+    What an `asyncio.timeout(limit)` around every line would do (the first-chunk limit until the
+    first line, the idle limit after), with one timer per stream that re-arms itself only when it
+    fires, instead of a timer made and cancelled per line. Only a wait is timed: while the consumer
+    holds a line, nothing is cancelled.
+    """
+
+    def __init__(self, first: float, idle: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit = first
+        self.idle = idle
+        self.since: float | None = None  # when the current wait began; None: not waiting
+        self.task: asyncio.Task[Any] | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.due = 0.0  # when the armed timer fires
+        self.fired = False
+        self.cancelling = 0
+
+    def wait(self) -> None:
+        self.task = asyncio.current_task()  # the generator may be driven by another task later
+        now = self.since = self.loop.time()
+        if self.handle is None or self.due > now + self.limit:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.due = now + self.limit
+            self.handle = self.loop.call_at(self.due, self._check)
+
+    def _check(self) -> None:
+        self.handle = None
+        if self.since is None or self.task is None:
+            return  # not waiting: the next wait arms the timer again
+        due = self.since + self.limit
+        if self.loop.time() >= due:
+            self.fired = True
+            self.cancelling = self.task.cancelling()
+            self.task.cancel()
+        else:
+            self.due = due
+            self.handle = self.loop.call_at(due, self._check)
+
+    def ours(self) -> bool:
+        """After a CancelledError: was it this timer's, and only its (as asyncio.timeout asks)?"""
+        return self.fired and self.task is not None and self.task.uncancel() <= self.cancelling
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+async def timed_lines(
+    response: httpx.Response, backend: str, timeouts: Timeouts
+) -> AsyncGenerator[str, None]:
+    """Non-empty lines of a streamed body; a long wait for the first, a shorter one after.
+
+    Split from the body's bytes (at \\n, \\r\\n or \\r, decoded as UTF-8) rather than through
+    httpx's text and line decoders, and timed by one `StallTimer` per stream.
+    """
+    timer = StallTimer(timeouts.first_chunk, timeouts.idle)
+    raw = response.aiter_bytes()  # not aiter_raw: a proxy may gzip the stream (Content-Encoding)
+    pending = b""
+    try:
+        while True:
+            timer.wait()
+            try:
+                data = await anext(raw)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if timer.ours():
+                    raise BackendTimeout(backend, f"no output for {timer.limit:.0f}s") from None
+                raise
+            finally:
+                timer.since = None
+            if pending:
+                data = pending + data
+            lines = data.splitlines()
+            pending = b"" if not data or data.endswith((b"\n", b"\r")) else lines.pop()
+            if lines:
+                timer.limit = timer.idle
+            for line in lines:
+                if line.strip():
+                    yield line.decode("utf-8", "replace")
+        if pending.strip():  # a last line without its newline
+            yield pending.decode("utf-8", "replace")
+    finally:
+        timer.close()
+
+
+# After the last chunk, how long the end of the body may take to arrive (see `rest_of_body`).
+END_OF_BODY = 0.5
+
+
+async def rest_of_body(lines: AsyncIterator[str]) -> None:
+    """After the last chunk: read the end of the body, so that the connection goes back to the
+    pool for the next request instead of being closed (a new TCP and TLS connection per reply).
+
+    The end follows the last line at once; more output, a wait or an error instead just leaves
+    the connection to be closed, as before.
+    """
+    with contextlib.suppress(BackendError, httpx.TransportError, TimeoutError):
+        async with asyncio.timeout(END_OF_BODY):
+            async for _ in lines:
+                return

@@ -19,10 +19,11 @@ from bot.backends.base import (
     error_text,
     make_client,
     open_stream,
+    rest_of_body,
     status_error,
+    timed_lines,
     transport_error,
 )
-from bot.backends.ollama import rest_of_body, timed_lines
 from bot.errors import BackendError, BackendStreamError
 from bot.settings import BackendConfig
 
