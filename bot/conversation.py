@@ -268,7 +268,9 @@ class Conversation:
         try:
             await self.state.finish_turn(start, entries, slot=slot)
         except REDIS_DOWN as e:
-            log.error("could not save the exchange (what it held lapses by itself): %s", _reason(e))
+            log.error(
+                "redis unavailable: the exchange is not saved (the rest lapses): %s", _reason(e)
+            )
             if entries:
                 await _best_effort(sink.notify(describe(StateUnavailable(after_reply=True))))
         except Exception:

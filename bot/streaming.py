@@ -265,7 +265,7 @@ class Renderer:
         try:
             grant = await budgets.take(budget, self.reply_id, priority=frame.final or first_text)
         except REDIS_DOWN as e:
-            log.warning("edit budget unavailable (%s); editing at the cadence", e)
+            log.warning("redis unavailable: edits go on without the shared budget: %s", e)
             self.budgets = None
             return True
         self._budgets_used.add(budget)

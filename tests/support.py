@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import socket
 import time
 import uuid
@@ -95,3 +96,12 @@ def make_backend(
     config = BackendConfig(name=f"{kind}-box", kind=kind, url=url, api_key=api_key)  # type: ignore[arg-type]
     cls = OllamaBackend if kind == "ollama" else OpenAIBackend
     return cls(config, timeouts or Timeouts(connect=2, first_chunk=5, idle=5))
+
+
+def redis_errors_told(records: list[logging.LogRecord]) -> int:
+    """How many one-line "redis unavailable" warnings or errors were logged; fails on any
+    traceback."""
+    assert [r.getMessage() for r in records if r.exc_info] == []  # no tracebacks
+    told = [r for r in records if "redis unavailable" in r.getMessage()]
+    assert all(r.levelno >= logging.WARNING for r in told)
+    return len(told)
