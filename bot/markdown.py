@@ -1,5 +1,6 @@
-"""The Markdown a reply is written in: code fences, clean splits at a message's length limit,
-and what a message shows in each phase of a reply. Pure functions, tested directly."""
+"""The text Parley handles: cleaned once where it comes in, and the Markdown a reply is written
+in — code fences, clean splits at a message's length limit, and what a message shows in each
+phase of a reply. Pure functions, tested directly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ CURSOR = " ▍"
 EMPTY_ANSWER = "_The model returned an empty answer._"
 STOPPED = "_⏹ Stopped._"
 
+# NUL and the other C0/C1 control characters but tab and line feed; and lone surrogates, which
+# JSON can carry (`"\ud800"`) but no UTF-8 encoder takes
+_UNCLEAN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 _CUTS: tuple[tuple[str, float], ...] = (
     ("\n\n", 0.5),  # paragraph
@@ -23,6 +27,15 @@ _CUTS: tuple[tuple[str, float], ...] = (
 
 
 # --- pure text functions ------------------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Text every encoder takes and every screen shows as meant: a lone surrogate becomes U+FFFD,
+    CR LF becomes LF, NUL and other control characters go (tabs and line breaks stay)."""
+    if _UNCLEAN.search(text) is None:
+        return text
+    text = text.replace("\r\n", "\n")
+    return _UNCLEAN.sub(lambda m: "\ufffd" if m[0] >= "\ud800" else "", text)
 
 
 def open_fence(text: str) -> str | None:

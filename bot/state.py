@@ -252,19 +252,17 @@ class State:
             pipe.execute_command("EVAL", CLAIM_TURN, 2, seen, turn_key, token, owner, expire_ms)
             pipe.lrange(self.history_key(key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(key))
-            fresh, locked, claimed, history, prefs = await pipe.execute()
-        return TurnStart(
-            key=key,
-            event_id=event_id,
-            owner=owner,
-            expire_ms=expire_ms,
-            lock_token=token,
-            fresh=bool(fresh),
-            locked=bool(locked),
-            claimed=bool(claimed),
-            history=_entries(history),
-            prefs=_preferences(prefs),
-        )
+            answers = await pipe.execute(raise_on_error=False)
+        fresh, locked, claimed = (bool(a) and not isinstance(a, Exception) for a in answers[:3])
+        start = TurnStart(key, event_id, owner, expire_ms, token, fresh, locked, claimed)
+        if failed := next((a for a in answers if isinstance(a, Exception)), None):
+            # a command failed after others had taken the lock or the Stop owner (a key of the
+            # wrong type, say): give back what was taken before the error goes up
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.finish_turn(start)
+            raise failed
+        history, prefs = answers[3:]
+        return replace(start, history=_entries(history), prefs=_preferences(prefs))
 
     async def wait_for_thread(
         self, start: TurnStart, *, poll: float = 0.05, wait: float | None = None

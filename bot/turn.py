@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
-from bot.markdown import EMPTY_ANSWER, PLACEHOLDER, THINKING, in_progress
+from bot.markdown import EMPTY_ANSWER, PLACEHOLDER, THINKING, clean_text, in_progress
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class Turn:
     may_switch_model: bool = True  # False where the platform's rules restrict `model <name>`
     only_if_active: bool = False  # answer only in a conversation the bot is already part of
     chain: ReplyChain | None = None
+
+    def __post_init__(self) -> None:
+        # what people write is cleaned once, here, whatever platform it came from
+        object.__setattr__(self, "text", clean_text(self.text))
+        object.__setattr__(self, "user_name", clean_text(self.user_name))
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.backends.base import Backend, Chunk, Content, Done, Message, Thinking, Timeouts
+from bot.backends.ollama import chunks_of
+from bot.backends.openai import deltas_of, usage_of
 from bot.errors import (
     BackendBadRequest,
     BackendBusy,
@@ -21,6 +25,7 @@ from bot.errors import (
     ModelNotFound,
     describe,
 )
+from bot.markdown import clean_text
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.support import closed_url, make_backend, until
 
@@ -339,3 +344,64 @@ async def test_a_server_that_wants_a_key_refuses_a_keyless_backend(kind: str) ->
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# --- model output is untrusted --------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+OLLAMA_LINES = JSON | st.fixed_dictionaries(
+    {},
+    optional={
+        "message": JSON | st.fixed_dictionaries({}, optional={"content": JSON, "thinking": JSON}),
+        "done": JSON,
+        "done_reason": JSON,
+        "eval_count": JSON,
+        "prompt_eval_count": JSON,
+        "eval_duration": JSON,
+    },
+)
+OPENAI_CHUNKS = JSON | st.fixed_dictionaries(
+    {},
+    optional={
+        "choices": JSON
+        | st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "delta": JSON
+                    | st.fixed_dictionaries({}, optional={"content": JSON, "reasoning": JSON}),
+                    "finish_reason": JSON,
+                },
+            ),
+            max_size=2,
+        ),
+        "usage": JSON,
+    },
+)
+
+
+def assert_clean(chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        if isinstance(chunk, Content | Thinking):
+            assert chunk.text == clean_text(chunk.text)
+            chunk.text.encode("utf-8")  # whatever the model sent, it can be sent on
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=OLLAMA_LINES)
+def test_any_ollama_line_is_clean_chunks_or_malformed_output(line: object) -> None:
+    with contextlib.suppress(BackendStreamError):
+        assert_clean(chunks_of(line, "local"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=OPENAI_CHUNKS)
+def test_any_openai_chunk_is_clean_chunks_or_malformed_output(data: object) -> None:
+    with contextlib.suppress(BackendStreamError):
+        usage_of(data, {}, "box")
+        assert isinstance(data, dict)
+        assert_clean([chunk for chunk, _ in deltas_of(data, "box") if chunk is not None])

@@ -14,7 +14,6 @@ from bot.app import Parley
 from bot.conversation import Outcome
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
-from bot.markdown import PLACEHOLDER
 from bot.turn import ConversationKey, EditBudget, Turn
 from tests.fakes.model_server import FakeModelServer, Script
 from tests.sinks import RecordingSink
@@ -253,20 +252,32 @@ async def test_a_cancelled_turn_is_finalised_as_stopped(
     assert model_server.disconnects == 1  # closing the stream stopped generation upstream
 
 
-async def test_a_failure_nobody_anticipated_still_ends_the_reply_and_frees_the_thread(
-    parley: Parley, model_server: FakeModelServer, redis_client: aioredis.Redis
+async def test_a_question_with_lone_surrogates_and_control_characters_gets_a_normal_answer(
+    parley: Parley, model_server: FakeModelServer
 ) -> None:
-    # a lone surrogate (a valid JSON escape from a platform) cannot be encoded for the model
+    # valid JSON escapes a platform may deliver: a lone surrogate, NUL, other control characters
     sink = RecordingSink(min_edit_interval=0.05)
-    assert await parley.conversation.handle(turn("broken \ud800 text"), sink) is Outcome.ERROR
-    assert sink.calls[-1].final and PLACEHOLDER not in sink.messages
-    assert "Something went wrong" in sink.messages[-1]
-    # the thread lock, the in-flight slot and the Stop owner were all given back
+    asked = turn("broken \ud800 text\x00 with\x07 bells\r\nand a new line")
+    assert await parley.conversation.handle(asked, sink) is Outcome.COMPLETE
+    assert sink.messages == ["You said: broken \ufffd text with bells\nand a new line"]
+    sent = model_server.chat_requests[-1]["messages"][-1]["content"]
+    assert sent == "broken \ufffd text with bells\nand a new line"
+
+
+async def test_a_failure_nobody_anticipated_still_frees_the_thread_slot_and_stop_owner(
+    parley: Parley, redis_client: aioredis.Redis
+) -> None:
+    # a key of the wrong type where the thread's history should be: the first round trip takes
+    # the de-dup mark, the thread lock and the Stop owner, then reading the history fails
+    await redis_client.set(f"parley:hist:{{{KEY.tag}}}", "not a list")
+    sink = RecordingSink(min_edit_interval=0.05)
+    assert await parley.conversation.handle(turn("hello"), sink) is Outcome.ERROR
+    assert sink.messages and sink.calls[-1].final  # the person is told
     for pattern in ("parley:lock:*", "parley:busy:*", "parley:turn:*"):
         assert await redis_client.keys(pattern) == [], pattern
+    await redis_client.delete(f"parley:hist:{{{KEY.tag}}}")
     again = RecordingSink(min_edit_interval=0.05)
     assert await parley.conversation.handle(turn("next"), again) is Outcome.COMPLETE
-    assert again.messages == ["You said: next"]
 
 
 async def test_redis_lost_while_a_reply_streams_the_reply_ends_and_says_it_is_not_remembered(

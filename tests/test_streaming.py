@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import re
+import unicodedata
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.backends.base import Content, Done, Thinking
-from bot.markdown import CURSOR, EMPTY_ANSWER, THINKING, in_progress, open_fence, split_message
+from bot.markdown import (
+    CURSOR,
+    EMPTY_ANSWER,
+    THINKING,
+    clean_text,
+    in_progress,
+    open_fence,
+    split_message,
+)
 from bot.ratelimit import EditBudgets
 from bot.streaming import Renderer, Status
 from bot.turn import EditBudget, Phase
@@ -296,3 +305,30 @@ def test_a_cut_before_a_fence_like_run_moves_to_the_start_of_its_line() -> None:
     assert all(open_fence(page) is None for page in pages[:-1])
     assert open_fence(pages[-1]) is None
     assert loses_nothing(text, "\n".join(pages))
+
+
+# --- text as it comes in --------------------------------------------------------------------
+
+UNCLEAN = st.lists(
+    st.one_of(
+        st.text(),
+        st.characters(exclude_categories=[]),  # lone surrogates included
+        st.sampled_from(["\ud800", "\udfff", "\x00", "\r\n", "\r", "\x1b[31m", "\x85", "\t"]),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=UNCLEAN)
+def test_clean_text_can_be_encoded_and_keeps_only_tabs_and_line_breaks(text: str) -> None:
+    cleaned = clean_text(text)
+    cleaned.encode("utf-8")  # no lone surrogate left
+    assert all(unicodedata.category(c) != "Cc" or c in "\t\n" for c in cleaned)
+    assert clean_text(cleaned) == cleaned
+    kept = [c for c in text if c in "\t\n" or unicodedata.category(c) not in ("Cc", "Cs")]
+    assert [c for c in cleaned if c != "\ufffd"] == [c for c in kept if c != "\ufffd"]
+
+
+def test_clean_text_marks_a_lone_surrogate_and_joins_crlf() -> None:
+    assert clean_text("a\ud800b\r\nc\x00d") == "a\ufffdb\ncd"

@@ -25,6 +25,7 @@ from bot.backends.base import (
     transport_error,
 )
 from bot.errors import BackendError, BackendStreamError
+from bot.markdown import clean_text
 from bot.settings import BackendConfig
 
 
@@ -37,25 +38,34 @@ def request_body(model: str, messages: list[Message]) -> dict[str, Any]:
     }
 
 
-def chunks_of(data: dict[str, Any], backend: str) -> list[Chunk]:
-    """The typed chunks of one parsed NDJSON line: thinking, content, then done (the last)."""
+def chunks_of(data: Any, backend: str) -> list[Chunk]:
+    """The typed chunks of one parsed NDJSON line: thinking, content, then done (the last).
+
+    Model output is untrusted: a line of another shape is BackendStreamError("malformed
+    output"), and text is cleaned (`clean_text`) before anything shows or stores it.
+    """
+    if not isinstance(data, dict):
+        raise BackendStreamError(backend, "malformed output")
     if "error" in data:
         raise BackendStreamError(backend, str(data["error"]))
-    chunks: list[Chunk] = []
-    message = data.get("message") or {}
-    if thinking := message.get("thinking"):
-        chunks.append(Thinking(thinking))
-    if content := message.get("content"):
-        chunks.append(Content(content))
-    if data.get("done"):
-        chunks.append(
-            Done(
-                reason=str(data.get("done_reason", "stop")),
-                prompt_tokens=int(data.get("prompt_eval_count", 0)),
-                completion_tokens=int(data.get("eval_count", 0)),
-                eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
+    try:
+        chunks: list[Chunk] = []
+        message = data.get("message") or {}
+        if thinking := message.get("thinking"):
+            chunks.append(Thinking(clean_text(thinking)))
+        if content := message.get("content"):
+            chunks.append(Content(clean_text(content)))
+        if data.get("done"):
+            chunks.append(
+                Done(
+                    reason=str(data.get("done_reason", "stop")),
+                    prompt_tokens=int(data.get("prompt_eval_count", 0)),
+                    completion_tokens=int(data.get("eval_count", 0)),
+                    eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
+                )
             )
-        )
+    except (AttributeError, TypeError, ValueError):
+        raise BackendStreamError(backend, "malformed output") from None
     return chunks
 
 

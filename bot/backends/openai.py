@@ -25,6 +25,7 @@ from bot.backends.base import (
     transport_error,
 )
 from bot.errors import BackendError, BackendStreamError
+from bot.markdown import clean_text
 from bot.settings import BackendConfig
 
 
@@ -68,22 +69,17 @@ class OpenAIBackend:
                             await rest_of_body(lines)
                             return
                         try:
-                            data: dict[str, Any] = json.loads(payload)
+                            data = json.loads(payload)
                         except ValueError:
                             raise BackendStreamError(self.name, "malformed output") from None
-                        if "error" in data:
+                        if isinstance(data, dict) and "error" in data:
                             raise BackendStreamError(self.name, error_text(payload.encode()))
-                        usage = data.get("usage") or usage
-                        for choice in data.get("choices") or []:
-                            delta = choice.get("delta") or {}
-                            thought = delta.get("reasoning") or delta.get("reasoning_content")
-                            if thought:
-                                started = True
-                                yield Thinking(str(thought))
-                            if content := delta.get("content"):
-                                started = True
-                                yield Content(str(content))
-                            reason = choice.get("finish_reason") or reason
+                        usage = usage_of(data, usage, self.name)
+                        for chunk, finish in deltas_of(data, self.name):
+                            started = started or chunk is not None
+                            if chunk is not None:
+                                yield chunk
+                            reason = finish or reason
             except httpx.TransportError as e:
                 if started:
                     raise BackendStreamError(self.name, "the connection broke") from e
@@ -114,3 +110,31 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def usage_of(data: Any, usage: dict[str, Any], backend: str) -> dict[str, Any]:
+    """The token counts a chunk reports (the last one, with stream_options.include_usage)."""
+    if not isinstance(data, dict):
+        raise BackendStreamError(backend, "malformed output")
+    found = data.get("usage") or usage
+    if not isinstance(found, dict):
+        raise BackendStreamError(backend, "malformed output")
+    return found
+
+
+def deltas_of(data: dict[str, Any], backend: str) -> list[tuple[Chunk | None, str | None]]:
+    """Each choice's new text (thinking, then content) and finish reason, checked: model output
+    is untrusted, so another shape is BackendStreamError("malformed output")."""
+    found: list[tuple[Chunk | None, str | None]] = []
+    try:
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if thought := delta.get("reasoning") or delta.get("reasoning_content"):
+                found.append((Thinking(clean_text(str(thought))), None))
+            if content := delta.get("content"):
+                found.append((Content(clean_text(str(content))), None))
+            if finish := choice.get("finish_reason"):
+                found.append((None, str(finish)))
+    except (AttributeError, TypeError):
+        raise BackendStreamError(backend, "malformed output") from None
+    return found
