@@ -18,15 +18,34 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_bolt.error import BoltUnhandledRequestError
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack_edge import (
+    BlockActions,
+    Challenge,
+    Forward,
+    Ignore,
+    Reject,
+    SlackMessage,
+    SlashCommand,
+    Verdict,
+    read_http,
+    read_payload,
+    verify,
+)
 from adapters.slack_text import classify, mentioned_user_ids, neutralise, settled, to_model_text
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
@@ -346,11 +365,14 @@ class SlackAdapter:
             session=self._session,
         )
         secret = settings.slack_signing_secret
+        self._secret = secret.get_secret_value() if secret else ""
+        # requests are verified (HTTP mode) and validated (both modes) before bolt sees them
         self.app = AsyncApp(
             name="parley",
             client=self.client,
-            signing_secret=secret.get_secret_value() if secret else "",
-            request_verification_enabled=not self.socket_mode,
+            signing_secret=self._secret,
+            request_verification_enabled=False,
+            raise_error_for_unhandled_request=True,
         )
         self.names = _Names(self.client)
         self.status_allowed = True
@@ -363,6 +385,7 @@ class SlackAdapter:
             self.app.command(command)(self._on_command)
         self.app.action(MODEL_SELECT)(self._on_model_selected)
         self.app.action(STOP_ACTION)(self._on_stop)
+        self.app.error(self._on_error)
         if not self.socket_mode:
             parley.http.router.add_post(EVENTS_PATH, self._on_http)
 
@@ -379,7 +402,7 @@ class SlackAdapter:
             "Socket" if self.socket_mode else f"HTTP, POST {EVENTS_PATH}",
         )
         if self.settings.slack_app_token is not None:
-            self._socket = AsyncSocketModeHandler(
+            self._socket = _CheckedSocketMode(
                 self.app, self.settings.slack_app_token.get_secret_value()
             )
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
@@ -397,20 +420,53 @@ class SlackAdapter:
         await self._session.close()
 
     async def _on_http(self, request: web.Request) -> web.Response:
-        response = await self.app.async_dispatch(await to_bolt_request(request))
-        return await to_aiohttp_response(response)
+        """Slack's HTTP mode: verify the raw bytes, read the body into Parley's types, and hand
+        bolt only what Parley handles, rebuilt from them."""
+        body = await request.read()  # past aiohttp's client_max_size (1 MiB): a 413
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        refused = verify(body, headers, self._secret, time.time())
+        if refused is not None:
+            log.warning("Slack HTTP: refused a request: %s (%d bytes)", refused, len(body))
+            return web.Response(status=401)
+        read = read_http(body, request.content_type)
+        if isinstance(read, Reject):
+            log.warning("Slack HTTP: refused a request: %s (%d bytes)", read.reason, len(body))
+            return web.Response(status=read.status)
+        if isinstance(read, Challenge):
+            return web.json_response({"challenge": read.challenge})
+        verdict = _read(*read)
+        if not isinstance(verdict, Forward):
+            return web.Response(status=200)
+        text, content_type = verdict.http_body()
+        bolt = AsyncBoltRequest(
+            body=text,
+            query=request.query_string,
+            headers={**headers, "content-type": content_type},  # bolt reads the retry headers
+        )
+        return await to_aiohttp_response(await self.app.async_dispatch(bolt))
+
+    async def _on_error(
+        self, error: Exception, response: BoltResponse | None
+    ) -> BoltResponse | None:
+        """bolt's errors: a request no listener took is acknowledged (Slack would retry it);
+        anything else is a fault of Parley's own, logged whole."""
+        if isinstance(error, BoltUnhandledRequestError):
+            log.debug("Slack: nothing handles this request; acknowledged")
+            return BoltResponse(status=200, body="")
+        log.error("Slack: a listener failed", exc_info=error)
+        return None
 
     # --- messages ---
 
     async def _on_message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
         """app_mention and every message event: decide, build the Turn, hand it to the core."""
+        message = SlackMessage.model_validate(event)  # read into it at the edge already
         bot_user_id = context.bot_user_id or ""
-        trigger = classify(event, bot_user_id=bot_user_id)
-        if trigger is None:
+        trigger = classify(message.model_dump(exclude_none=True), bot_user_id=bot_user_id)
+        if trigger is None or message.user is None:
             return
-        team_id = context.team_id or str(event.get("team") or "")
-        channel, ts = str(event["channel"]), str(event["ts"])
-        thread_ts = str(event.get("thread_ts") or "")
+        team_id = context.team_id or message.team or ""
+        channel, ts, thread_ts = message.channel, message.ts, message.thread_ts or ""
         # a mention is answered in its thread; a DM in place ("" is the DM's main conversation)
         thread = thread_ts if trigger == "dm" else thread_ts or ts
         key = ConversationKey(PLATFORM, team_id, channel, thread)
@@ -420,8 +476,7 @@ class SlackAdapter:
         if task is not None:
             self._turns.add(task)
         try:
-            raw = str(event.get("text") or "")
-            user_id = str(event["user"])
+            raw, user_id = message.text, message.user
             (user_name, is_admin), names = await asyncio.gather(
                 self.names.lookup(user_id), self.names.resolve(raw)
             )
@@ -458,11 +513,12 @@ class SlackAdapter:
         respond: AsyncRespond,
         context: AsyncBoltContext,
     ) -> None:
-        name, args = _command_words(str(command["command"]), str(command.get("text") or ""))
+        asked = SlashCommand.model_validate(command)  # read into it at the edge already
+        name, args = _command_words(asked.command, asked.text)
         key = ConversationKey(
-            PLATFORM, context.team_id or str(command.get("team_id")), str(command["channel_id"]), ""
+            PLATFORM, context.team_id or asked.team_id or "", asked.channel_id, ""
         )
-        turn = Turn(key=key, user_id=str(command["user_id"]), user_name="", text="", event_id="")
+        turn = Turn(key=key, user_id=asked.user_id, user_name="", text="", event_id="")
         work = asyncio.ensure_future(self.conversation.command(turn, name, args))
         done, _ = await asyncio.wait({work}, timeout=COMMAND_ACK_SECONDS)
         if done:
@@ -480,13 +536,15 @@ class SlackAdapter:
         context: AsyncBoltContext,
     ) -> None:
         await ack()
-        channel = (body.get("channel") or {}).get("id") or body["container"]["channel_id"]
-        team_id = context.team_id or str((body.get("team") or {}).get("id"))
-        user_id = str((body.get("user") or {}).get("id"))
-        choice = str(action["selected_option"]["value"])
-        key = ConversationKey(PLATFORM, team_id, str(channel), "")
-        turn = Turn(key=key, user_id=user_id, user_name="", text="", event_id="")
-        reply = await self.conversation.command(turn, "model", choice)
+        click = BlockActions.model_validate(body)  # read into it at the edge already
+        choice = click.actions[0].selected_option
+        if choice is None or not click.channel_id:
+            log.warning("Slack: a model menu choice without a model or a channel; ignored")
+            return
+        team_id = context.team_id or (click.team.id if click.team else "")
+        key = ConversationKey(PLATFORM, team_id, click.channel_id, "")
+        turn = Turn(key=key, user_id=click.user.id, user_name="", text="", event_id="")
+        reply = await self.conversation.command(turn, "model", choice.value)
         await respond(self._command_message(reply, "model") | {"replace_original": True})
 
     async def _on_stop(
@@ -495,22 +553,19 @@ class SlackAdapter:
         """The Stop button: stop the reply (on whichever replica writes it), or tell the presser
         why not, only to them."""
         await ack()
-        user_id = str((body.get("user") or {}).get("id") or "")
+        click = BlockActions.model_validate(body)  # read into it at the edge already
+        user_id = click.user.id
         _, is_admin = await self.names.lookup(user_id)  # cached; admins may stop any reply
         refusal = await self.conversation.stop(
-            str(action.get("value") or ""), user_id=user_id, is_admin=is_admin
+            click.actions[0].value or "", user_id=user_id, is_admin=is_admin
         )
         if refusal is None:
             return
-        container: dict[str, Any] = body.get("container") or {}
-        message: dict[str, Any] = body.get("message") or {}
-        channel = str((body.get("channel") or {}).get("id") or container.get("channel_id") or "")
-        thread_ts = container.get("thread_ts") or message.get("thread_ts")
         try:
             await self.client.chat_postEphemeral(
-                channel=channel,
+                channel=click.channel_id,
                 user=user_id,
-                thread_ts=thread_ts,
+                thread_ts=click.thread_ts,
                 markdown_text=neutralise(refusal),
             )
         except SlackApiError as e:
@@ -529,6 +584,52 @@ class SlackAdapter:
         if name == "model" and reply.models:
             blocks.append(_model_menu(reply.models, reply.current))
         return {"response_type": "ephemeral", "text": text, "blocks": blocks}
+
+
+def _read(kind: str, payload: Any) -> Verdict:
+    """An envelope's payload as Parley reads it; one log line for whatever it will not act on."""
+    verdict = read_payload(
+        kind, payload, commands=SLASH_COMMANDS, actions=(MODEL_SELECT, STOP_ACTION)
+    )
+    if isinstance(verdict, Ignore):
+        if verdict.dropped:
+            log.warning("Slack: dropped a malformed %s request: %s", kind[:40], verdict.reason)
+        else:
+            log.debug("Slack: %s; acknowledged", verdict.reason)
+    return verdict
+
+
+class _CheckedSocketModeClient(SocketModeClient):
+    """slack_sdk's Socket Mode client, which refuses, with one log line and an ack, an envelope
+    whose payload it cannot even hold (not an object: it would log a traceback instead)."""
+
+    async def run_message_listeners(self, message: dict[str, Any], raw_message: str) -> None:
+        if "envelope_id" in message and not isinstance(message.get("payload"), dict | str):
+            log.warning("Slack: dropped a malformed Socket Mode envelope (its payload)")
+            if isinstance(envelope := message["envelope_id"], str):
+                await self.send_socket_mode_response(SocketModeResponse(envelope_id=envelope))
+            return
+        await super().run_message_listeners(message, raw_message)
+
+
+class _CheckedSocketMode(AsyncSocketModeHandler):
+    """Socket Mode, with each envelope read into Parley's types before bolt sees it."""
+
+    def __init__(self, app: AsyncApp, app_token: str) -> None:  # bolt's own, on our client
+        self.app = app
+        self.app_token = app_token
+        self.client = _CheckedSocketModeClient(
+            app_token=app_token, logger=app.logger, web_client=app.client
+        )
+        self.client.socket_mode_request_listeners.append(self.handle)  # type: ignore[arg-type]
+
+    async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
+        verdict = _read(req.type, req.payload)
+        if isinstance(verdict, Forward):
+            req.payload = verdict.payload
+            await super().handle(client, req)
+        else:  # acknowledged, so that Slack does not deliver it again
+            await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
 
 
 def _command_words(command: str, text: str) -> tuple[str, str]:

@@ -13,16 +13,24 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
+from adapters.slack import SlackAdapter
+from bot.app import Parley
 from bot.backends.base import Backend, Timeouts
 from bot.backends.ollama import OllamaBackend
 from bot.backends.openai import OpenAIBackend
+from bot.http import add_routes
 from bot.settings import BackendConfig, Settings
 from bot.turn import ConversationKey, Turn
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.model_server import FakeModelServer
+from tests.fakes.slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], *, within: float = 5.0) -> None:
@@ -105,3 +113,52 @@ def redis_errors_told(records: list[logging.LogRecord]) -> int:
     told = [r for r in records if "redis unavailable" in r.getMessage()]
     assert all(r.levelno >= logging.WARNING for r in told)
     return len(told)
+
+
+# --- Slack -------------------------------------------------------------------------------------
+
+SLACK_INTERVAL = 0.2  # the edit interval of Parley's Slack adapter in the tests
+
+
+@dataclass
+class Bot:
+    parley: Parley
+    adapter: SlackAdapter
+    mode: str
+    events_url: str
+    connection: int  # this bot's Socket Mode connection at the fake
+
+
+@asynccontextmanager
+async def slack_bot(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str, **overrides: Any
+) -> AsyncIterator[Bot]:
+    """One Parley process with the Slack adapter started, as `parley run` would run it."""
+    settings = make_settings(
+        redis_url,
+        model_server,
+        edit_interval=SLACK_INTERVAL,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=slack.api_url,
+        slack_app_token=APP_TOKEN if mode == "socket" else None,
+        slack_signing_secret=SIGNING_SECRET if mode == "http" else None,
+        **overrides,
+    )
+    parley = await Parley.open(settings)
+    adapter = SlackAdapter(parley)
+    add_routes(parley, lambda: {"slack": True})  # /healthz, /readyz, /metrics, as `parley run`
+    runner = web.AppRunner(parley.http)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    connection = slack.connections
+    try:
+        await adapter.start()
+        if mode == "socket":
+            await slack.wait_for(lambda: slack.connections > connection)
+        yield Bot(parley, adapter, mode, f"http://127.0.0.1:{port}/slack/events", connection)
+    finally:
+        await adapter.stop()
+        await runner.cleanup()
+        await parley.aclose()

@@ -7,35 +7,29 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 import yaml
-from aiohttp import web
 
-from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, STOP_ACTION, SlackAdapter
+from adapters.slack import MAX_CHARS, MODEL_SELECT, SLASH_COMMANDS, STOP_ACTION
 from adapters.slack_text import JOINER
-from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
 from bot.markdown import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
 from tests.fakes.slack import (
-    APP_TOKEN,
     BOT_TOKEN,
     BOT_USER_ID,
-    SIGNING_SECRET,
     TEAM_ID,
     ApiCall,
     FakeSlack,
 )
-from tests.support import make_settings, redis_errors_told, until
+from tests.support import SLACK_INTERVAL, Bot, redis_errors_told, slack_bot, until
 
-INTERVAL = 0.2
 CHANNEL = "C0GENERAL"
 MANIFEST = Path(__file__).parent.parent / "adapters" / "slack_manifest.yaml"
 REPLY = (
@@ -46,53 +40,10 @@ REPLY = (
 )
 
 
-@dataclass
-class Bot:
-    parley: Parley
-    adapter: SlackAdapter
-    mode: str
-    events_url: str
-    connection: int  # this bot's Socket Mode connection at the fake
-
-
 @pytest.fixture
 async def slack() -> AsyncIterator[FakeSlack]:
     async with FakeSlack() as fake:
         yield fake
-
-
-@asynccontextmanager
-async def slack_bot(
-    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str, **overrides: Any
-) -> AsyncIterator[Bot]:
-    """One Parley process with the Slack adapter started, as `parley run` would run it."""
-    settings = make_settings(
-        redis_url,
-        model_server,
-        edit_interval=INTERVAL,
-        slack_bot_token=BOT_TOKEN,
-        slack_api_url=slack.api_url,
-        slack_app_token=APP_TOKEN if mode == "socket" else None,
-        slack_signing_secret=SIGNING_SECRET if mode == "http" else None,
-        **overrides,
-    )
-    parley = await Parley.open(settings)
-    adapter = SlackAdapter(parley)
-    runner = web.AppRunner(parley.http)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    connection = slack.connections
-    try:
-        await adapter.start()
-        if mode == "socket":
-            await slack.wait_for(lambda: slack.connections > connection)
-        yield Bot(parley, adapter, mode, f"http://127.0.0.1:{port}/slack/events", connection)
-    finally:
-        await adapter.stop()
-        await runner.cleanup()
-        await parley.aclose()
 
 
 async def send_event(
@@ -220,7 +171,7 @@ async def test_mention_streams_into_a_placeholder_and_ends_with_the_reply(
     assert all(shown(e).endswith(CURSOR) for e in edits[:-1])
     assert 2 <= len(edits) <= len(tokens) // 4
     gaps = [b.at - a.at for a, b in itertools.pairwise(edits[:-1])]  # the last is not held
-    assert all(gap >= INTERVAL * 0.8 for gap in gaps), gaps
+    assert all(gap >= SLACK_INTERVAL * 0.8 for gap in gaps), gaps
     assert used == len(edits)
     # our own post and edits came back as events and none of them was answered
     assert echoes == 1 + len(edits)

@@ -604,6 +604,18 @@ class FakeSlack:
         async with self._session.post(url, data=body.encode(), headers=headers) as resp:
             return resp.status, await resp.text()
 
+    async def post_raw(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+        """Send any bytes with any headers (what an attacker or a broken client would)."""
+        assert self._session is not None
+        async with self._session.post(url, data=body, headers=dict(headers)) as resp:
+            return resp.status, await resp.text()
+
+    @staticmethod
+    def signature(body: bytes, *, secret: str = SIGNING_SECRET, timestamp: str) -> str:
+        """Slack's `X-Slack-Signature` of `body` (raw bytes) sent at `timestamp`."""
+        base = b"v0:" + timestamp.encode() + b":" + body
+        return "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
+
     async def post_event(
         self, url: str, body: dict[str, Any], *, retry_num: int | None = None, secret: str = ""
     ) -> tuple[int, str]:
