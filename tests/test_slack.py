@@ -34,6 +34,7 @@ from tests.fakes.slack import (
     FakeSlack,
 )
 from tests.support import make_settings, redis_errors_told, until
+from tests.test_slack_text import could_ping
 
 INTERVAL = 0.2
 CHANNEL = "C0GENERAL"
@@ -504,21 +505,22 @@ async def test_broadcasts_in_model_output_reach_slack_neutralised(
     slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     tokens = ["Attention ", "<!chan", "nel>", " and ", "<!here|here>", ", also ", "@every"]
-    tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "!"]
+    tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "! Then "]
+    tokens += ["< !he", "re\n>", ", ", "&lt;!ever", "yone&gt;", ", ", "<!CHANNEL>", " and "]
+    tokens += ["&amp;lt;@U0", "BOB&amp;gt;", "."]
     model_server.script(Script(tokens=tokens, delay=0.01))
     async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> shout", event_type="app_mention")
         await send_event(slack, bot, mention)
         final = (
             f"Attention @{JOINER}channel and @{JOINER}here, also @{JOINER}everyone and "
-            f"@{JOINER}Bob Builder and @{JOINER}devs!"
+            f"@{JOINER}Bob Builder and @{JOINER}devs! Then @{JOINER}here, @{JOINER}everyone, "
+            f"@{JOINER}channel and @{JOINER}Bob Builder."
         )
         await reply_in_thread(slack, mention["ts"], final)
 
     for text in sent_texts(slack):
-        assert "<!" not in text and "<@" not in text
-        for word in ("@channel", "@here", "@everyone"):
-            assert word not in text
+        assert could_ping(text) == [], text
 
 
 async def test_backend_errors_appear_in_the_thread(
