@@ -78,6 +78,7 @@ SECTION_CHARS = 3000  # a section block's text limit
 COMMAND_ACK_SECONDS = 2.0  # answer in the ack if the core is this quick, else via response_url
 NAME_TTL = 3600.0
 NAME_RETRY = 60.0  # an unknown or failed user id is tried again after this long
+LOOKUPS_PER_TEXT = 5  # users.info calls one text may cause
 STATUS_REPEAT = 90.0  # assistant status clears itself after two minutes
 STATUS_TEXT = {"loading": "is loading the model…", "thinking": "is thinking…"}
 UPDATE_WINDOW = 60.0  # chat.update is Tier 3: a budget per minute, per workspace
@@ -156,11 +157,13 @@ class _Names:
         self._cache[user_id] = (name, False, float("inf"))
 
     async def resolve(self, text: str) -> dict[str, str]:
-        """The names of the people `text` mentions (each looked up once)."""
+        """The names of the people `text` mentions (each looked up once, and at most
+        LOOKUPS_PER_TEXT new ones per text: a model writing many ids must not spend the
+        workspace's users.info budget; the others show as their ids)."""
         users = mentioned_user_ids(text)
         if missing := users - self._cache.keys():
-            await asyncio.gather(*(self.lookup(u) for u in missing))
-        return {u: self._cache[u][0] for u in users}
+            await asyncio.gather(*(self.lookup(u) for u in sorted(missing)[:LOOKUPS_PER_TEXT]))
+        return {u: self._cache[u][0] for u in users if u in self._cache}
 
 
 @dataclass

@@ -3,11 +3,13 @@
 Incoming, Slack writes people, channels and links as `<…>` control sequences and escapes `&`,
 `<`, `>`; the model gets readable text instead, without the bot's own mention. Outgoing, nothing
 the model writes may ping anyone: broadcasts (`<!here>`, `@channel`…), user-group and user
-mentions are turned into inert look-alikes on every post and edit.
+mentions, in any case, spacing or character references, are turned into inert look-alikes on
+every post and edit.
 """
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Mapping
 from typing import Literal
@@ -20,16 +22,23 @@ _SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:!?])")
 
 # U+2060 WORD JOINER: invisible, keeps the word whole, and breaks Slack's mention parsing.
 JOINER = "\u2060"
-# Output: special mentions, raw or entity-escaped, with an optional `|label`.
-_OUT_SPECIAL = re.compile(
-    r"(?:<|&lt;)!(here|channel|everyone|group|subteam\^[A-Z0-9]+)(?:\|([^>]*?))?(?:>|&gt;)",
+# A character reference as HTML (and so Markdown) decodes it: named, decimal or hex, `;` optional.
+_REFERENCE = re.compile(r"&(?:#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+# Output: whatever Slack could read as a ping (docs/slack.md, "What Parley never lets the model
+# ping"), looked for once references are decoded, in any case, with any whitespace inside the
+# brackets: `<!here>` `<!channel>` `<!everyone>` `<!group>` (with anything after the word, such as
+# `|label`), `<!subteam^ID|label>`, `<@U…>` / `<@W…>` and the undocumented `<@name>`, and the
+# words `@here` `@channel` `@everyone` `@group` (which link_names and Markdown may turn into pings).
+_PING = re.compile(
+    r"<\s*!\s*(?:(?P<special>here|channel|everyone|group)(?![^\W_])|(?P<group>subteam))"
+    r"(?P<rest>[^>]*)>"
+    r"|<\s*@\s*(?P<user>[UW][^|>]*|[\w.-]+\s*)(?P<label>\|[^>]*)?>"
+    r"|@(?=(?:here|channel|everyone|group)(?![^\W_]))",
     re.IGNORECASE,
 )
-_OUT_USER = re.compile(r"(?:<|&lt;)@([UW][A-Z0-9]+)(?:\|([^>]*?))?(?:>|&gt;)", re.IGNORECASE)
-# Output: the literal forms, which Slack may turn into broadcasts (link_names, Markdown).
-_OUT_LITERAL = re.compile(r"@(here|channel|everyone)\b", re.IGNORECASE)
-# the unfinished ends of a growing text that later text may turn into a mention
-_UNFINISHED = re.compile(r"(?:@\w*|&(?:l|lt)?)$")
+# the end of a growing text that later text may still turn into a reference or a mention:
+# whitespace, `@word`s and the starts of references, as one run so that one step removes them
+_UNFINISHED = re.compile(r"(?:\s|@\w*|&[^\s<&;]*;?)+$")
 
 Trigger = Literal["mention", "dm", "thread"]
 
@@ -79,48 +88,123 @@ def to_model_text(text: str, *, bot_user_id: str, names: Mapping[str, str]) -> s
     return readable.strip().lstrip(",:").strip()
 
 
+def _decoded(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with its character references decoded until none is left (`&amp;lt;` is `<`, as
+    repeated `html.unescape` would have it), and for each decoded character the span of `text`
+    it comes from."""
+    chars, spans = list(text), [(i, i + 1) for i in range(len(text))]
+    while True:
+        flat = "".join(chars)
+        next_chars: list[str] = []
+        next_spans: list[tuple[int, int]] = []
+        done = 0
+        for ref in _REFERENCE.finditer(flat):
+            value = html.unescape(ref[0])
+            if value == ref[0]:
+                continue
+            next_chars += chars[done : ref.start()] + list(value)
+            whole = (spans[ref.start()][0], spans[ref.end() - 1][1])
+            next_spans += spans[done : ref.start()] + [whole] * len(value)
+            done = ref.end()
+        if not done:
+            return flat, spans
+        chars, spans = next_chars + chars[done:], next_spans + spans[done:]
+
+
 def neutralise(text: str, *, names: Mapping[str, str] | None = None) -> str:
     """Model output Slack can show without pinging anyone.
 
-    `<!here>` / `<!channel>` / `<!everyone>` / `<!subteam^…>` and `<@U…>` become `@` + a word
-    joiner + the name (looked up in `names` for users), so they read the same and notify nobody;
-    so do the literal `@here` / `@channel` / `@everyone`.
+    Broadcasts (`<!here>` / `<!channel>` / `<!everyone>` / `<!group>`), user groups
+    (`<!subteam^…>`) and people (`<@U…>`) become `@` + a word joiner + the name (looked up in
+    `names` for people), so they read the same and notify nobody; so do the words `@here` /
+    `@channel` / `@everyone` / `@group`. Any case, whitespace or newlines inside the brackets and
+    any character references (`&lt;!here&gt;`, `&#60;@U1&#62;`) count the same.
     """
-    known = names or {}
-
-    def special(match: re.Match[str]) -> str:
-        what, label = match[1].lower(), (match[2] or "").lstrip("@")
-        if what.startswith("subteam^"):
-            return "@" + JOINER + (label or "group")
-        return "@" + JOINER + (label or what)
-
-    def user(match: re.Match[str]) -> str:
-        return "@" + JOINER + (known.get(match[1]) or (match[2] or "").lstrip("@") or match[1])
-
-    while True:  # a label may hide another mention: repeat until nothing changes
-        safe = _OUT_SPECIAL.sub(special, text)
-        safe = _OUT_USER.sub(user, safe)
-        safe = _OUT_LITERAL.sub(lambda m: "@" + JOINER + m[1], safe)
-        if safe == text:
-            return safe
+    while (safe := _neutralised_once(text, names or {})) != text:  # labels may hide more
         text = safe
+    return safe
+
+
+def _neutralised_once(text: str, known: Mapping[str, str]) -> str:
+    """One pass of neutralise(): every ping found in the decoded text, rewritten in `text`."""
+    decoded, spans = _decoded(text)
+
+    def raw(begin: int, end: int) -> str:
+        """The text behind decoded characters `begin` to `end`, or those characters themselves
+        where a reference reaches past them (`&lt@a>` is `<@a>` all in one)."""
+        if end <= begin:
+            return ""
+        if spans[begin] in spans[begin - 1 : begin] or spans[end - 1] in spans[end : end + 1]:
+            return decoded[begin:end]
+        return text[spans[begin][0] : spans[end - 1][1]]
+
+    def shown(what: str) -> str:
+        """`what` (a label, a name) made inert, and sealed so that no text after it completes
+        it into a mention: a word joiner after each `<`, `@`, `&` of its unfinished end."""
+        safe = neutralise(what.strip(), names=known)
+        done = settled(safe)
+        return done + re.sub("[<@&]", lambda sigil: sigil[0] + JOINER, safe[len(done) :])
+
+    edits: list[tuple[int, int, str]] = []
+    for ping in _PING.finditer(decoded):
+        if ping["user"]:
+            user = ping["user"].strip()
+            label = raw(ping.start("label") + 1, ping.end("label")) if ping["label"] else ""
+            name = known.get(user) or known.get(user.upper()) or label.strip().lstrip("@")
+            inert = "@" + JOINER + shown(name or raw(*ping.span("user")))
+        elif ping["special"] or ping["group"]:
+            bar = decoded.find("|", *ping.span("rest"))
+            label = raw(bar + 1, ping.end("rest")).strip().lstrip("@") if bar != -1 else ""
+            word = ping["special"].lower() if ping["special"] else "group"
+            inert = "@" + JOINER + shown(label or word)
+        else:
+            inert = "@" + JOINER
+        # a reference standing for several characters may reach past the match: keep them
+        first, last = _piece(spans, ping.start()), _piece(spans, ping.end() - 1)
+        begin, end = spans[first.start][0], spans[last.stop - 1][1]
+        inert = decoded[first.start : ping.start()] + inert + decoded[ping.end() : last.stop]
+        if not edits or begin >= edits[-1][1]:  # overlaps are left to the next round
+            edits.append((begin, end, inert))
+    for begin, end, inert in reversed(edits):
+        text = text[:begin] + inert + text[end:]
+    return text
+
+
+def _piece(spans: list[tuple[int, int]], at: int) -> range:
+    """The decoded characters that come from the same piece of text as character `at`."""
+    first = last = at
+    while first and spans[first - 1] == spans[at]:
+        first -= 1
+    while last + 1 < len(spans) and spans[last + 1] == spans[at]:
+        last += 1
+    return range(first, last + 1)
 
 
 def settled(text: str) -> str:
     """The part of a growing text that later text cannot turn into a mention.
 
-    Native streaming only ever appends, so it holds back trailing whitespace, an unclosed `<…`
-    and a trailing `@word` until the text after them decides what they are.
+    Native streaming only ever appends, so it holds back trailing whitespace, an unclosed `<…`,
+    a trailing `@word` and a trailing character reference (`&am`, `&amp;`, `&#6`) until the text
+    after them decides what they are.
     """
     while True:
-        before = text
-        text = text.rstrip()
-        opened = max(text.rfind("<"), text.rfind("&lt;"))
-        if opened != -1 and ">" not in text[opened:] and "&gt;" not in text[opened:]:
-            text = text[:opened]
-        text = _UNFINISHED.sub("", text)
-        if text == before:
+        decoded, spans = _decoded(text)
+        keep = len(decoded)  # decoded characters that stay
+        while True:  # each step removes a whole run, so hostile text costs no more than a few
+            before = keep
+            while keep and spans[keep - 1][1] - spans[keep - 1][0] > 1:
+                keep -= 1  # a reference: more text may extend it (`&#6` → `&#60;`)
+            opened = decoded.find("<", decoded.rfind(">", 0, keep) + 1, keep)
+            if opened != -1:
+                keep = opened
+            elif unfinished := _UNFINISHED.search(decoded, 0, keep):
+                keep = unfinished.start()
+            if keep == before:
+                break
+        kept = text[: spans[keep - 1][1]] if keep else ""
+        if kept == text:
             return text
+        text = kept
 
 
 def classify(event: Mapping[str, object], *, bot_user_id: str) -> Trigger | None:

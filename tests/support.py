@@ -8,8 +8,10 @@ one another.
 from __future__ import annotations
 
 import asyncio
+import html
 import inspect
 import logging
+import re
 import socket
 import time
 import uuid
@@ -162,3 +164,38 @@ async def slack_bot(
         await adapter.stop()
         await runner.cleanup()
         await parley.aclose()
+
+
+# --- what Slack could read as a ping ------------------------------------------------------
+
+BROADCASTS = ("here", "channel", "everyone", "group")
+
+
+def could_ping(text: str) -> list[str]:
+    """Everything in `text` that Slack could read as a broadcast or a mention.
+
+    The forms of docs/slack.md read as broadly as Parley promises, and written apart from
+    neutralise(): character references are decoded as often as they decode; then every `<…>` is
+    read up to its first `>` (as Slack's "Retrieving messages" steps do), whitespace around its
+    sigil and word ignored, in any case; and so is every `@` followed by a broadcast word.
+    """
+    while (decoded := html.unescape(text)) != text:
+        text = decoded
+    found = []
+    for at, char in enumerate(text):
+        if char == "<" and ">" in text[at:]:
+            token = text[at : text.index(">", at) + 1]
+            target = token[1:-1].split("|", 1)[0].strip()
+            sigil, word = target[:1], target[1:].strip().lower()
+            if sigil == "!" and (word.startswith("subteam") or _broadcast(word)):
+                found.append(token)  # a broadcast or a user group
+            elif sigil == "@" and (word[:1] in ("u", "w") or re.fullmatch(r"[\w.-]+", word)):
+                found.append(token)  # a person, by id (or by name: undocumented)
+        elif char == "@" and _broadcast(text[at + 1 : at + 10].lower()):
+            found.append(text[at : at + 10])  # a broadcast word (link_names, Markdown)
+    return found
+
+
+def _broadcast(word: str) -> bool:
+    """Whether `word` starts with a broadcast word that no letter or digit continues."""
+    return any(word.startswith(b) and not word[len(b) : len(b) + 1].isalnum() for b in BROADCASTS)

@@ -28,7 +28,7 @@ from tests.fakes.slack import (
     ApiCall,
     FakeSlack,
 )
-from tests.support import SLACK_INTERVAL, Bot, redis_errors_told, slack_bot, until
+from tests.support import SLACK_INTERVAL, Bot, could_ping, redis_errors_told, slack_bot, until
 
 CHANNEL = "C0GENERAL"
 MANIFEST = Path(__file__).parent.parent / "adapters" / "slack_manifest.yaml"
@@ -455,21 +455,22 @@ async def test_broadcasts_in_model_output_reach_slack_neutralised(
     slack: FakeSlack, model_server: FakeModelServer, redis_url: str
 ) -> None:
     tokens = ["Attention ", "<!chan", "nel>", " and ", "<!here|here>", ", also ", "@every"]
-    tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "!"]
+    tokens += ["one", " and ", "<@U0BOB>", " and ", "<!subteam^S0DEV|@devs>", "! Then "]
+    tokens += ["< !he", "re\n>", ", ", "&lt;!ever", "yone&gt;", ", ", "<!CHANNEL>", " and "]
+    tokens += ["&amp;lt;@U0", "BOB&amp;gt;", "."]
     model_server.script(Script(tokens=tokens, delay=0.01))
     async with slack_bot(slack, model_server, redis_url, "socket") as bot:
         mention = slack.user_message(f"<@{BOT_USER_ID}> shout", event_type="app_mention")
         await send_event(slack, bot, mention)
         final = (
             f"Attention @{JOINER}channel and @{JOINER}here, also @{JOINER}everyone and "
-            f"@{JOINER}Bob Builder and @{JOINER}devs!"
+            f"@{JOINER}Bob Builder and @{JOINER}devs! Then @{JOINER}here, @{JOINER}everyone, "
+            f"@{JOINER}channel and @{JOINER}Bob Builder."
         )
         await reply_in_thread(slack, mention["ts"], final)
 
     for text in sent_texts(slack):
-        assert "<!" not in text and "<@" not in text
-        for word in ("@channel", "@here", "@everyone"):
-            assert word not in text
+        assert could_ping(text) == [], text
 
 
 async def test_backend_errors_appear_in_the_thread(
