@@ -448,9 +448,7 @@ class SlackAdapter:
         )
         return await to_aiohttp_response(await self.app.async_dispatch(bolt))
 
-    async def _on_error(
-        self, error: Exception, response: BoltResponse | None
-    ) -> BoltResponse | None:
+    async def _on_error(self, error: Exception) -> BoltResponse | None:
         """bolt's errors: a request no listener took is acknowledged (Slack would retry it);
         anything else is a fault of Parley's own, logged whole."""
         if isinstance(error, BoltUnhandledRequestError):
