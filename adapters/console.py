@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import mimetypes
 import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
@@ -18,7 +20,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from bot.app import Parley
-from bot.turn import ConversationKey, Frame, MessageRef, Turn, WaitingState
+from bot.turn import Attachment, ConversationKey, Frame, MessageRef, Turn, WaitingState
 
 PROMPT = "you> "
 
@@ -53,6 +55,20 @@ class ConsoleSink:
             self.live.update(Markdown("\n\n".join(self.messages)))
 
 
+def local_file(path: Path) -> Attachment:
+    """A file on this machine as an attachment: its name, its type by extension, its size."""
+
+    async def read(limit: int) -> bytes:
+        def head() -> bytes:
+            with path.open("rb") as f:
+                return f.read(limit + 1)
+
+        return await asyncio.to_thread(head)
+
+    media_type = mimetypes.guess_type(path.name)[0] or ""
+    return Attachment(path.name, media_type, path.stat().st_size, read)
+
+
 class ConsoleAdapter:
     def __init__(
         self,
@@ -70,12 +86,13 @@ class ConsoleAdapter:
         self.key = ConversationKey("console", "local", "console", thread)
         self.user = getpass.getuser()
         self.console = Console(file=self.stdout, highlight=False)
+        self.pending: list[Attachment] = []  # files for the next message
 
     async def run(self) -> int:
         if self.interactive:
             self.console.print(
-                "[bold]Parley[/bold] console chat — type a message, `/model`, `/reset`, `/help`;"
-                " Ctrl-D to quit."
+                "[bold]Parley[/bold] console chat — type a message, `/model`, `/reset`, `/help`,"
+                " `/attach PATH` (then your question); Ctrl-D to quit."
             )
         while True:
             line = await asyncio.to_thread(self._read_line)
@@ -84,7 +101,19 @@ class ConsoleAdapter:
             text = line.strip()
             if not text:
                 continue
+            if text.startswith("/attach"):
+                self.attach(text.removeprefix("/attach").strip())
+                continue
             await self.say(text)
+
+    def attach(self, path: str) -> None:
+        """`/attach PATH`: the file goes with the next message (repeat for more)."""
+        file = Path(path).expanduser()
+        if not path or not file.is_file():
+            print(f"parley: no file at {path!r}", file=self.stdout, flush=True)
+            return
+        self.pending.append(local_file(file))
+        print(f"attached {file.name}; it goes with your next message", file=self.stdout, flush=True)
 
     def _read_line(self) -> str | None:
         if self.interactive:
@@ -97,7 +126,16 @@ class ConsoleAdapter:
 
     async def say(self, text: str) -> ConsoleSink:
         """Run one message through the core and show the reply."""
-        turn = Turn(self.key, self.user, self.user, text, uuid.uuid4().hex, is_admin=True)
+        attachments, self.pending = tuple(self.pending), []
+        turn = Turn(
+            self.key,
+            self.user,
+            self.user,
+            text,
+            uuid.uuid4().hex,
+            is_admin=True,
+            attachments=attachments,
+        )
         if self.interactive:
             with Live(console=self.console, refresh_per_second=12, transient=False) as live:
                 sink = ConsoleSink(live=live)

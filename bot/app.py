@@ -182,6 +182,8 @@ class Parley:
             history_max=settings.history_max_messages,
             history_ttl=settings.history_ttl_days * 86400,
             dedup_ttl=settings.dedup_ttl,
+            thread_images=settings.thread_images,
+            thread_image_bytes=settings.thread_image_bytes,
         )
         limiter = Limiter(
             redis,

@@ -100,7 +100,12 @@ class Commands:
                     f"({unreachable} unreachable).",
                     current=current,
                 )
-            listing = "\n".join(f"- `{n}`" + (" ← current" if n == current else "") for n in names)
+            seeing = set(await self.router.vision_models())
+            listing = "\n".join(
+                f"- `{n}`" + (" 👁 sees images" if n in seeing else "")
+                + (" ← current" if n == current else "")
+                for n in names
+            )
             return CommandReply(
                 f"Current model here: `{current}`\n\nAvailable:\n\n{listing}\n\n"
                 "Switch with `model <name>`.",

@@ -7,10 +7,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from bot.backends.base import Message
+from bot.attachments import Limits, prepare
+from bot.backends.base import Image, Message
 from bot.commands import CommandReply, Commands, parse_text_command
 from bot.errors import (
     BackendError,
@@ -30,7 +31,15 @@ from bot.prompt import build_messages
 from bot.ratelimit import EditBudgets, Limiter
 from bot.router import Router
 from bot.settings import Settings
-from bot.state import REDIS_DOWN, HistoryEntry, InFlightSlot, State, TurnStart, turn_token
+from bot.state import (
+    REDIS_DOWN,
+    HistoryEntry,
+    InFlightSlot,
+    State,
+    TurnStart,
+    image_id,
+    turn_token,
+)
 from bot.streaming import Renderer, RenderResult, Status, wait_first
 from bot.turn import MessageRef, ReplySink, Turn, message
 
@@ -74,6 +83,13 @@ class Conversation:
         self.router = router
         self.metrics = metrics or Metrics()
         self.commands = Commands(router=router, state=state, default_model=settings.default_model)
+        self.attachment_limits = Limits(
+            count=settings.max_attachments,
+            bytes=settings.max_attachment_bytes,
+            file_chars=settings.max_file_chars,
+            timeout=settings.attachment_timeout,
+            image_side=settings.image_max_side,
+        )
         self.accepting = True
         self._active: dict[str, asyncio.Event] = {}  # stop token → its stop signal
         self._idle = asyncio.Event()
@@ -216,7 +232,7 @@ class Conversation:
             expire=self.settings.turn_timeout,
         )
         slot: InFlightSlot | None = None
-        said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
+        asked = _Asked(HistoryEntry("user", turn.text, turn.user_id, turn.user_name))
         renderer = Renderer(sink, budgets=self.budgets, on_post=self._chain_recorder(turn))
         entries: list[HistoryEntry] = []
         try:
@@ -227,17 +243,18 @@ class Conversation:
             await self.limiter.admit(turn.key.platform, turn.user_id, slot)
             if not start.locked:  # another message of this thread is being answered
                 start = await self.state.wait_for_thread(start)
-            result, model = await self._answer(turn, renderer, start)
-            entries = [said] + (
+            result, model = await self._answer(turn, renderer, start, asked)
+            entries = [asked.entry] + (
                 [HistoryEntry("assistant", result.text, model=model)] if result.text.strip() else []
             )
             return Outcome(result.status.value)
         except asyncio.CancelledError:
             if renderer.text.strip():  # stopped by shutdown: keep what was said
-                entries = [said, HistoryEntry("assistant", renderer.text)]
+                entries = [asked.entry, HistoryEntry("assistant", renderer.text)]
             raise
         finally:
-            await asyncio.shield(self._finish(start, entries, slot, sink))
+            saved = {i: asked.images[i] for e in entries for i in e.images if i in asked.images}
+            await asyncio.shield(self._finish(start, entries, slot, sink, saved))
 
     def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
         """Where conversations are reply chains: record each message of the reply as it is
@@ -263,10 +280,11 @@ class Conversation:
         entries: list[HistoryEntry],
         slot: InFlightSlot | None,
         sink: ReplySink,
+        images: dict[str, Image],
     ) -> None:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
         try:
-            await self.state.finish_turn(start, entries, slot=slot)
+            await self.state.finish_turn(start, entries, slot=slot, images=images)
         except REDIS_DOWN as e:
             log.error(
                 "redis unavailable: the exchange is not saved (the rest lapses): %s", _reason(e)
@@ -277,14 +295,14 @@ class Conversation:
             log.exception("finishing the turn failed (what it held lapses by itself)")
 
     async def _answer(
-        self, turn: Turn, renderer: Renderer, start: TurnStart
+        self, turn: Turn, renderer: Renderer, start: TurnStart, asked: _Asked
     ) -> tuple[RenderResult, str]:
-        """Choose the model, stream its reply; the reply always reaches a final state."""
+        """Read the attachments, choose the model, stream its reply; the reply always reaches a
+        final state. `asked` gets the person's message as it is to be remembered."""
         started = time.monotonic()
         stop = asyncio.Event()
         self._active[start.token] = stop
         self._idle.clear()
-        said = HistoryEntry("user", turn.text, turn.user_id, turn.user_name)
         model = ""
         self.metrics.in_flight.inc()
         # the placeholder goes out while the model request starts: neither waits for the other
@@ -292,11 +310,13 @@ class Conversation:
         try:
             try:
                 model = start.prefs.model or await self._default_model()
+                model, images = await self._read_attachments(turn, model, start, asked, renderer)
                 messages = build_messages(
                     system=start.prefs.system_prompt or self.settings.system_prompt,
                     history=list(start.history),
-                    turn=said,
+                    turn=asked.entry,
                     budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
+                    images=images,
                 )
             except ParleyError as e:
                 await posting
@@ -318,6 +338,31 @@ class Conversation:
                 self._idle.set()
         self._observe(turn, result, started)
         return result, model
+
+    async def _read_attachments(
+        self, turn: Turn, model: str, start: TurnStart, asked: _Asked, renderer: Renderer
+    ) -> tuple[str, dict[str, Image] | None]:
+        """The attachments made into text and images (and a line in the reply for each that
+        could not be used); the model that answers (the vision model, where the channel's cannot
+        see), and the thread's images it is sent (None: it cannot see them)."""
+        prepared = await prepare(turn.attachments, self.attachment_limits)
+        renderer.notes.extend(f"📎 {note}" for note in prepared.notes)
+        new = {image_id(): image for image in prepared.images}
+        asked.images = new
+        asked.entry = replace(asked.entry, content=prepared.text(turn.text), images=tuple(new))
+        images = {**start.images, **new}
+        shown = {i for e in [*start.history, asked.entry] for i in e.images if i in images}
+        if not shown or await self.router.sees_images(model):
+            return model, images
+        vision = self.settings.vision_model
+        if new and vision and vision != model:
+            renderer.notes.append(f"📎 `{model}` can't see images, so `{vision}` answered this.")
+            return vision, images
+        if new:
+            can = [f"`{m}`" for m in await self._vision_quietly()]
+            which = f" Models that can: {', '.join(can)} (`model <name>`)." if can else ""
+            renderer.notes.append(f"📎 `{model}` can't see images: I answered the text.{which}")
+        return model, None
 
     async def _generate(
         self,
@@ -392,11 +437,25 @@ class Conversation:
             raise NoModelAvailable()
         return names[0]
 
+    async def _vision_quietly(self) -> list[str]:
+        try:
+            return (await self.router.vision_models())[:5]
+        except Exception:
+            return []
+
     async def _names_quietly(self) -> list[str]:
         try:
             return await self.router.model_names()
         except Exception:
             return []
+
+
+@dataclass
+class _Asked:
+    """The person's message as it will be remembered (with its files' text and image ids)."""
+
+    entry: HistoryEntry
+    images: dict[str, Image] = field(default_factory=dict)
 
 
 def _reason(error: BaseException) -> str:

@@ -86,6 +86,14 @@ class ThreadBusy(ParleyError):
     """An earlier message in the same thread is still being answered (past the wait limit)."""
 
 
+class AttachmentUnavailable(ParleyError):
+    """A platform would not hand over an attached file; `reason` says why, for its user."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class StateUnavailable(ParleyError):
     """Redis could not be reached (`after_reply`: only when saving a reply already shown)."""
 

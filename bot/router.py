@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +91,7 @@ class Router:
         *,
         concurrency: int = 4,
         catalog_ttl: float = 30.0,
+        vision_globs: tuple[str, ...] = (),
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is required")
@@ -102,6 +104,8 @@ class Router:
         self._fetched_at = -1e18
         self._refresh = asyncio.Lock()
         self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
+        self.vision_globs = vision_globs  # models of non-Ollama backends that see images
+        self._sight: dict[tuple[str, str], tuple[bool, float]] = {}  # → (sees, until)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, ttl: float | None = None) -> Router:
@@ -116,6 +120,7 @@ class Router:
             [build_backend(c, timeouts) for c in settings.backend_configs()],
             concurrency=settings.backend_concurrency,
             catalog_ttl=settings.catalog_ttl if ttl is None else ttl,
+            vision_globs=tuple(settings.vision_models),
         )
 
     async def catalog(self, *, refresh: bool = False) -> list[CatalogEntry]:
@@ -153,6 +158,32 @@ class Router:
         if strip_cloud_suffix(model) and self.cloud is not None:
             return model
         return None
+
+    async def sees_images(self, model: str) -> bool:
+        """Whether `model` takes images: an Ollama says so (/api/show `capabilities`); for other
+        servers the operator's globs do (PARLEY_VISION_MODELS). Cached like the catalog."""
+        backend, name = (await self.candidates(model))[0]
+        cached = self._sight.get((backend.name, name))
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        if isinstance(backend, OllamaBackend):
+            try:
+                sees = "vision" in await backend.capabilities(name)
+            except BackendError as e:  # unknown for now: not cached, asked again next time
+                log.warning(
+                    "backend %s: cannot tell whether %s sees images: %s", backend.name, name, e
+                )
+                return False
+        else:
+            sees = any(fnmatch.fnmatchcase(name, glob) for glob in self.vision_globs)
+        self._sight[(backend.name, name)] = (sees, time.monotonic() + max(self.catalog_ttl, 300))
+        return sees
+
+    async def vision_models(self) -> list[str]:
+        """The catalog's models that take images."""
+        names = await self.model_names()
+        sight = await asyncio.gather(*(self.sees_images(n) for n in names))
+        return [n for n, sees in zip(names, sight, strict=True) if sees]
 
     async def candidates(self, model: str) -> list[tuple[Backend, str]]:
         """Backends to try for `model`, in order, with the name each one knows it by."""

@@ -153,6 +153,17 @@ class Settings(BaseSettings):
     edit_interval: float = Field(default=1.0, ge=0.05)
     show_model_footer: bool = False
 
+    # --- attachments ---
+    max_attachments: int = Field(default=4, ge=0)  # files read per message; more are named
+    max_attachment_bytes: int = Field(default=10_000_000, ge=1)
+    max_file_chars: int = Field(default=20_000, ge=100)  # text of one file given to the model
+    attachment_timeout: float = Field(default=30.0, gt=0)  # seconds to download one file
+    image_max_side: int = Field(default=1568, ge=64)  # pixels: larger images are scaled down
+    thread_images: int = Field(default=8, ge=1)  # images a thread keeps for follow-ups
+    thread_image_bytes: int = Field(default=8_000_000, ge=100_000)  # and their bytes in Redis
+    vision_model: str | None = None  # answers turns with images when the channel's cannot see
+    vision_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # globs, openai
+
     # --- logging / http ---
     log_level: str = "INFO"
     http_port: int = Field(default=3000, ge=0, le=65535)
@@ -199,6 +210,13 @@ class Settings(BaseSettings):
     @classmethod
     def _rate(cls, value: Any) -> Any:
         return parse_rate(value) if isinstance(value, str) else value
+
+    @field_validator("vision_models", mode="before")
+    @classmethod
+    def _globs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v for v in re.split(r"[,\s]+", value.strip()) if v]
+        return value
 
     @field_validator(
         "discord_shard_ids",

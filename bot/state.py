@@ -16,9 +16,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from bot.backends.base import Image
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
 
@@ -45,6 +46,29 @@ redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# Keep a thread's images: add ARGV[4..] (id, value pairs), then drop the oldest (ids sort by
+# time) past ARGV[1] images or ARGV[2] bytes; the hash lives as long as the thread (ARGV[3] s).
+STORE_IMAGES = """
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local ids = redis.call('HKEYS', KEYS[1])
+table.sort(ids)
+local sizes, total = {}, 0
+for _, id in ipairs(ids) do
+  sizes[id] = redis.call('HSTRLEN', KEYS[1], id)
+  total = total + sizes[id]
+end
+local first = 1
+while first <= #ids and (#ids - first + 1 > tonumber(ARGV[1]) or total > tonumber(ARGV[2])) do
+  redis.call('HDEL', KEYS[1], ids[first])
+  total = total - sizes[ids[first]]
+  first = first + 1
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return #ids - first + 1
 """
 
 # Delete a lock only if it still holds our token (it may have expired and been taken since).
@@ -73,15 +97,22 @@ class HistoryEntry:
     user_id: str = ""
     user_name: str = ""
     model: str = ""  # for assistant entries: who answered
+    images: tuple[str, ...] = ()  # ids of the thread's stored images this message carried
 
     def to_json(self) -> str:
-        data = {"role": self.role, "content": self.content, "ts": round(time.time(), 3)}
+        data: dict[str, Any] = {
+            "role": self.role,
+            "content": self.content,
+            "ts": round(time.time(), 3),
+        }
         if self.user_id:
             data["user_id"] = self.user_id
         if self.user_name:
             data["user_name"] = self.user_name
         if self.model:
             data["model"] = self.model
+        if self.images:
+            data["images"] = list(self.images)
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -94,6 +125,7 @@ class HistoryEntry:
                 user_id=str(data.get("user_id", "")),
                 user_name=str(data.get("user_name", "")),
                 model=str(data.get("model", "")),
+                images=tuple(str(i) for i in data.get("images") or ()),
             )
         except (ValueError, KeyError, TypeError):
             return None  # a corrupt entry is skipped, never fatal
@@ -115,6 +147,8 @@ class State:
         history_ttl: float = 30 * 86400,
         dedup_ttl: int = 600,
         history_fetch: int = 100,
+        thread_images: int = 8,
+        thread_image_bytes: int = 8_000_000,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -122,6 +156,8 @@ class State:
         self.history_ttl = max(1, math.ceil(history_ttl))  # EXPIRE 0 would delete the key
         self.dedup_ttl = dedup_ttl
         self.history_fetch = min(history_fetch, history_max)  # newest N read per turn
+        self.thread_images = thread_images
+        self.thread_image_bytes = thread_image_bytes
         self._release = redis.register_script(RELEASE_LOCK)
 
     # --- keys ---
@@ -130,6 +166,9 @@ class State:
 
     def lock_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}lock:{{{key.tag}}}"
+
+    def images_key(self, key: ConversationKey) -> str:
+        return f"{self.prefix}img:{{{key.tag}}}"
 
     def pref_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}pref:{{{key.platform}:{key.space}:{key.channel}}}"
@@ -252,6 +291,7 @@ class State:
             pipe.execute_command("EVAL", CLAIM_TURN, 2, seen, turn_key, token, owner, expire_ms)
             pipe.lrange(self.history_key(key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(key))
+            pipe.hgetall(self.images_key(key))
             answers = await pipe.execute(raise_on_error=False)
         fresh, locked, claimed = (bool(a) and not isinstance(a, Exception) for a in answers[:3])
         start = TurnStart(key, event_id, owner, expire_ms, token, fresh, locked, claimed)
@@ -261,8 +301,10 @@ class State:
             with contextlib.suppress(*REDIS_DOWN):
                 await self.finish_turn(start)
             raise failed
-        history, prefs = answers[3:]
-        return replace(start, history=_entries(history), prefs=_preferences(prefs))
+        history, prefs, images = answers[3:]
+        return replace(
+            start, history=_entries(history), prefs=_preferences(prefs), images=_images(images)
+        )
 
     async def wait_for_thread(
         self, start: TurnStart, *, poll: float = 0.05, wait: float | None = None
@@ -278,8 +320,11 @@ class State:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.history_key(start.key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(start.key))
-            history, prefs = await pipe.execute()
-        return replace(start, history=_entries(history), prefs=_preferences(prefs))
+            pipe.hgetall(self.images_key(start.key))
+            history, prefs, images = await pipe.execute()
+        return replace(
+            start, history=_entries(history), prefs=_preferences(prefs), images=_images(images)
+        )
 
     async def finish_turn(
         self,
@@ -287,9 +332,10 @@ class State:
         entries: Sequence[HistoryEntry] = (),
         *,
         slot: InFlightSlot | None = None,
+        images: Mapping[str, Image] | None = None,
     ) -> None:
         """Finish a turn in one round trip: free the thread, the in-flight `slot` and the Stop
-        owner, and save the exchange.
+        owner, and save the exchange (with the `images` its entries name).
 
         The releases go first in the pipeline, so a failing write after them cannot keep them;
         if Redis cannot be reached, the lock, the slot and the owner lapse by themselves.
@@ -305,6 +351,20 @@ class State:
                 pipe.delete(self._turn_key(start.token))
             if entries:
                 self._queue_append(pipe, start.key, entries)
+            if images or (entries and start.images):  # the images live as long as the thread
+                values = [
+                    part for i, image in (images or {}).items() for part in (i, _image_json(image))
+                ]
+                pipe.execute_command(
+                    "EVAL",
+                    STORE_IMAGES,
+                    1,
+                    self.images_key(start.key),
+                    self.thread_images,
+                    self.thread_image_bytes,
+                    self.history_ttl,
+                    *values,
+                )
             if len(pipe):
                 await pipe.execute()
 
@@ -362,6 +422,7 @@ class TurnStart:
     claimed: bool  # holds the Stop owner
     history: tuple[HistoryEntry, ...] = ()
     prefs: Preferences = Preferences()
+    images: Mapping[str, Image] = field(default_factory=dict)  # the thread's, by id
 
     @property
     def token(self) -> str:
@@ -379,6 +440,26 @@ class InFlightSlot:
 
 def _entries(raw: Sequence[bytes | str]) -> tuple[HistoryEntry, ...]:
     return tuple(e for e in map(HistoryEntry.from_json, map(_text, raw)) if e is not None)
+
+
+def image_id() -> str:
+    """A new image's id in its thread: ids sort by when they were stored."""
+    return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+
+
+def _image_json(image: Image) -> str:
+    return json.dumps({"t": image.media_type, "d": image.data})
+
+
+def _images(raw: dict[Any, Any]) -> dict[str, Image]:
+    found = {}
+    for key, value in raw.items():
+        try:
+            data = json.loads(_text(value))
+            found[_text(key)] = Image(str(data["t"]), str(data["d"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a corrupt entry is skipped
+    return found
 
 
 def _preferences(raw: dict[Any, Any]) -> Preferences:

@@ -61,6 +61,7 @@ class Renderer:
     clock: Callable[[], float] = time.monotonic
     on_post: Callable[[MessageRef], Awaitable[None]] | None = None  # after each message posted
     reply_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the budgets' count
+    notes: list[str] = field(default_factory=list)  # lines the reply ends with, whatever its end
     text: str = ""  # all content so far
     thinking: str = ""
     done: Done | None = None
@@ -132,13 +133,14 @@ class Renderer:
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        closing = ""
+        closing = "\n".join(self.notes)
         if status is Status.STOPPED:
-            closing = notice if notice else STOPPED
+            ending = notice if notice else STOPPED
         elif notice:
-            closing = f"⚠️ {notice}"
-        elif footer:
-            closing = footer
+            ending = f"⚠️ {notice}"
+        else:
+            ending = footer or ""
+        closing = "\n".join(part for part in (closing, ending) if part)
         body = self._body.rstrip()
         if not self.text.strip() and status is Status.COMPLETE:
             body = EMPTY_ANSWER

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
@@ -35,6 +36,19 @@ class ReplyChain:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A file someone attached, as the platform describes it. `read(limit)` downloads it: at
+    most `limit` + 1 bytes (so a file over the cap shows as such); it may raise
+    AttachmentUnavailable(reason) when the platform refuses. The core decides what is read,
+    how much, and how long it may take."""
+
+    name: str
+    media_type: str  # as the platform says ("" if it does not)
+    size: int | None  # bytes, as the platform says (None if it does not)
+    read: Callable[[int], Awaitable[bytes]] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Turn:
     """One message from one person that the bot should act on."""
 
@@ -47,6 +61,7 @@ class Turn:
     may_switch_model: bool = True  # False where the platform's rules restrict `model <name>`
     only_if_active: bool = False  # answer only in a conversation the bot is already part of
     chain: ReplyChain | None = None
+    attachments: tuple[Attachment, ...] = ()
 
     def __post_init__(self) -> None:
         # what people write is cleaned once, here, whatever platform it came from

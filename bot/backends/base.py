@@ -50,11 +50,20 @@ Chunk = Content | Thinking | Done
 
 
 @dataclass(frozen=True)
+class Image:
+    """An image as models take it: its media type and its bytes in base64 (no `data:` prefix)."""
+
+    media_type: str  # image/jpeg | image/png
+    data: str
+
+
+@dataclass(frozen=True)
 class Message:
     """One chat message as sent to a model."""
 
     role: str  # system | user | assistant
     content: str
+    images: tuple[Image, ...] = ()  # for vision models, on user messages
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,15 @@ from bot.settings import BackendConfig
 
 
 def request_body(model: str, messages: list[Message]) -> dict[str, Any]:
-    """An /api/chat request that streams."""
+    """An /api/chat request that streams; images as plain base64 (Ollama refuses data URLs)."""
     return {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "messages": [
+            {"role": m.role, "content": m.content, "images": [i.data for i in m.images]}
+            if m.images
+            else {"role": m.role, "content": m.content}
+            for m in messages
+        ],
         "stream": True,
     }
 
@@ -119,6 +124,34 @@ class OllamaBackend:
             return [str(m["name"]) for m in models]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise BackendError(self.name, "unexpected /api/tags answer") from None
+
+    async def capabilities(self, model: str) -> frozenset[str]:
+        """What the model can do, as /api/show says (`vision` for images); an Ollama too old to
+        list capabilities is read from the model's families (a CLIP projector sees)."""
+        try:
+            response = await self.client.post(
+                "/api/show", json={"model": model}, timeout=self.timeouts.connect * 2
+            )
+        except httpx.TransportError as e:
+            raise transport_error(self.name, e) from e
+        if response.status_code != 200:
+            raise status_error(
+                self.name,
+                model,
+                response.status_code,
+                error_text(response.content),
+                response.headers,
+            )
+        try:
+            data = response.json()
+            found = data.get("capabilities")
+            if isinstance(found, list):
+                return frozenset(str(c) for c in found)
+            families = (data.get("details") or {}).get("families") or []
+            seeing = any(f in ("clip", "mllama") for f in families) or "projector_info" in data
+            return frozenset({"completion", "vision"} if seeing else {"completion"})
+        except (ValueError, AttributeError, TypeError):
+            raise BackendError(self.name, "unexpected /api/show answer") from None
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -41,7 +41,7 @@ class OpenAIBackend:
     async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
         body = {
             "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_message(m) for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -110,6 +110,18 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _message(message: Message) -> dict[str, Any]:
+    """A chat message; with images, its content is text and `image_url` parts (data URLs)."""
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+    parts += [
+        {"type": "image_url", "image_url": {"url": f"data:{i.media_type};base64,{i.data}"}}
+        for i in message.images
+    ]
+    return {"role": message.role, "content": parts}
 
 
 def usage_of(data: Any, usage: dict[str, Any], backend: str) -> dict[str, Any]:
