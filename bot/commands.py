@@ -102,7 +102,8 @@ class Commands:
                 )
             seeing = set(await self.router.vision_models())
             listing = "\n".join(
-                f"- `{n}`" + (" 👁 sees images" if n in seeing else "")
+                f"- `{n}`"
+                + (" 👁 sees images" if n in seeing else "")
                 + (" ← current" if n == current else "")
                 for n in names
             )

@@ -350,7 +350,8 @@ class Conversation:
         new = {image_id(): image for image in prepared.images}
         asked.images = new
         asked.entry = replace(asked.entry, content=prepared.text(turn.text), images=tuple(new))
-        images = {**start.images, **new}
+        # the thread's newest images, as many as it keeps (ids sort by time)
+        images = dict(sorted({**start.images, **new}.items())[-self.settings.thread_images :])
         shown = {i for e in [*start.history, asked.entry] for i in e.images if i in images}
         if not shown or await self.router.sees_images(model):
             return model, images

@@ -231,6 +231,50 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+NO_VISION = "this model is missing data required for image input"  # what Ollama answers
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+_DATA_URL = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})$")
+
+
+def native_images(messages: list[Any]) -> list[str] | str:
+    """The images of an /api/chat request (raw base64, as Ollama takes them), or why Ollama
+    would refuse them: a data URL or anything not base64 fails to decode."""
+    found: list[str] = []
+    for message in messages:
+        images = message.get("images") if isinstance(message, dict) else None
+        if images is None:
+            continue
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            return "json: cannot unmarshal into Go struct field Message.messages.images"
+        for image in images:
+            if len(image) % 4 or not _BASE64.match(image):
+                return "illegal base64 data at input byte 4"
+            found.append(image)
+    return found
+
+
+def openai_images(messages: list[Any]) -> list[str] | str:
+    """The images of a /v1/chat/completions request (`image_url` parts with data URLs), or why
+    Ollama's OpenAI layer would refuse them (a remote URL, another part type)."""
+    found: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                continue
+            if kind != "image_url":
+                return f"invalid message content type: {kind}"
+            url = (part.get("image_url") or {}).get("url")
+            match = _DATA_URL.match(url) if isinstance(url, str) else None
+            if match is None:
+                return "invalid image input"
+            found.append(match[2])
+    return found
+
+
 def _native_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """`{"error": "..."}` as gin's c.JSON writes it."""
     return web.Response(
@@ -587,6 +631,7 @@ class FakeModelServer:
 
     def __init__(self, models: list[str] | None = None, *, api_key: str | None = None) -> None:
         self.models: list[str] = list(DEFAULT_MODELS) if models is None else list(models)
+        self.images_seen: list[list[str]] = []  # each chat request's images (base64), in order
         self.api_key = api_key
         self.url = ""
         self.requests: list[Request] = []
@@ -847,6 +892,12 @@ class FakeModelServer:
             }
             return web.Response(body=go_json(reply).encode(), headers={"Content-Type": CT_JSON_GIN})
         stream = data.get("stream") is not False  # defaults to true when omitted
+        images = native_images(messages)
+        if isinstance(images, str):
+            return _native_error(400, images)
+        if images and "vision" not in _model_meta(model)[5]:
+            return _native_error(400, NO_VISION)
+        self.images_seen.append(images)
         return await self._generate(request, model, messages, openai=False, stream=stream)
 
     async def _api_show(self, request: web.Request) -> web.StreamResponse:
@@ -903,6 +954,12 @@ class FakeModelServer:
         if not self._has_model(model):
             return _openai_error(404, f'model "{model}" not found, try pulling it first')
         stream = data.get("stream") is True  # defaults to false here
+        images = openai_images(messages)
+        if isinstance(images, str):
+            return _openai_error(400, images)
+        if images and "vision" not in _model_meta(model)[5]:
+            return _openai_error(400, NO_VISION)
+        self.images_seen.append(images)
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return await self._generate(
