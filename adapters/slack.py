@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +40,7 @@ from adapters.slack_edge import (
     Forward,
     Ignore,
     Reject,
+    SlackFile,
     SlackMessage,
     SlashCommand,
     Verdict,
@@ -50,8 +52,10 @@ from adapters.slack_text import classify, mentioned_user_ids, neutralise, settle
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
 from bot.conversation import CommandReply, stop_token
+from bot.errors import AttachmentUnavailable
 from bot.markdown import split_message
 from bot.turn import (
+    Attachment,
     ConversationKey,
     EditBudget,
     Frame,
@@ -79,6 +83,7 @@ COMMAND_ACK_SECONDS = 2.0  # answer in the ack if the core is this quick, else v
 NAME_TTL = 3600.0
 NAME_RETRY = 60.0  # an unknown or failed user id is tried again after this long
 LOOKUPS_PER_TEXT = 5  # users.info calls one text may cause
+SLACK_FILE_HOSTS = (".slack.com", ".slack-edge.com", ".slack-gov.com")  # where files live
 STATUS_REPEAT = 90.0  # assistant status clears itself after two minutes
 STATUS_TEXT = {"loading": "is loading the model…", "thinking": "is thinking…"}
 UPDATE_WINDOW = 60.0  # chat.update is Tier 3: a budget per minute, per workspace
@@ -378,6 +383,7 @@ class SlackAdapter:
             raise_error_for_unhandled_request=True,
         )
         self.names = _Names(self.client)
+        self._api_host = urlsplit(settings.slack_api_url).hostname or ""
         self.status_allowed = True
         self._socket: AsyncSocketModeHandler | None = None
         self._turns: set[asyncio.Task[Any]] = set()
@@ -489,6 +495,9 @@ class SlackAdapter:
                 event_id=f"{channel}:{ts}",  # one message = one answer, whichever event brings it
                 is_admin=is_admin,
                 only_if_active=trigger == "thread",  # a follow-up: only in Parley's threads
+                attachments=tuple(
+                    self._attachment(f) for f in message.files if f.mode != "tombstone"
+                ),
             )
             sink = SlackSink(
                 self,
@@ -504,6 +513,36 @@ class SlackAdapter:
         finally:
             if task is not None:
                 self._turns.discard(task)
+
+    def _attachment(self, file: SlackFile) -> Attachment:
+        """A file on a message, fetched (when the core asks) from `url_private_download` with
+        the bot token — only from Slack's own hosts."""
+
+        async def read(limit: int) -> bytes:
+            url = file.url_private_download
+            if url is None or file.mode == "external":
+                raise AttachmentUnavailable("Slack shares only a link to this file, not the file.")
+            host = urlsplit(url).hostname or ""
+            if host != self._api_host and not host.endswith(SLACK_FILE_HOSTS):
+                raise AttachmentUnavailable("it is not on Slack's file host, so I left it.")
+            token = self.client.token or ""
+            headers = {"Authorization": f"Bearer {token}"}
+            async with self._session.get(url, headers=headers) as response:
+                if response.status != 200:
+                    raise AttachmentUnavailable(f"Slack answered {response.status} for it.")
+                if response.content_type == "text/html" and file.mimetype != "text/html":
+                    raise AttachmentUnavailable(
+                        "Slack answered with its sign-in page: Parley needs the `files:read` "
+                        "scope (add it and reinstall the app)."
+                    )
+                data = bytearray()
+                async for piece in response.content.iter_chunked(64 * 1024):
+                    data += piece
+                    if len(data) > limit:
+                        break
+                return bytes(data[: limit + 1])
+
+        return Attachment(file.name, file.mimetype, file.size, read)
 
     # --- slash commands and the model menu ---
 

@@ -46,6 +46,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class SlackFile(_Model):
+    """A file on a message (`files[]`): what Parley needs to fetch it."""
+
+    id: Id
+    name: Annotated[str, StringConstraints(max_length=512)] = "file"
+    mimetype: Short = ""
+    size: int | None = Field(default=None, ge=0)
+    url_private_download: Url | None = None
+    mode: Short | None = None  # "tombstone": deleted; "external": only a link
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        return _readable(value)
+
+
 class SlackMessage(_Model):
     """An `app_mention` or `message` event."""
 
@@ -60,6 +76,7 @@ class SlackMessage(_Model):
     bot_id: Short | None = None
     bot_profile: dict[str, Any] | None = None
     team: Id | None = None
+    files: list[SlackFile] = Field(default_factory=list, max_length=50)
 
     @field_validator("text", mode="before")
     @classmethod

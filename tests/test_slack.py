@@ -3,6 +3,7 @@ against a fake Slack Web API and a fake Ollama on loopback, with a real Redis.""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import PIL.Image
 import pytest
 import yaml
 
@@ -691,6 +693,7 @@ def test_the_manifest_declares_what_the_adapter_handles() -> None:
     assert settings["socket_mode_enabled"] is True
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"app_mentions:read", "chat:write", "commands", "users:read", "im:history"} <= scopes
+    assert "files:read" in scopes  # attachments
     assert {"channels:history", "groups:history", "mpim:history"} <= scopes
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
 
@@ -781,3 +784,36 @@ async def test_ten_replies_at_once_share_the_workspace_chat_update_budget(
         late = first_text - first_token, edits[-1].at - last_token
         assert late[0] < 1.0 and late[1] < 1.0, f"reply {i}: first text, final edit late {late}"
         assert shown(edits[-1]) == text
+
+
+# --- attachments ----------------------------------------------------------------------------
+
+
+async def test_files_on_a_mention_reach_the_model_and_a_refused_download_is_said(
+    slack: FakeSlack, redis_url: str
+) -> None:
+    picture = io.BytesIO()
+    PIL.Image.new("RGB", (800, 600), (10, 120, 200)).save(picture, "PNG")
+    models = FakeModelServer(["gemma3:4b"])  # a model that sees
+    async with models, slack_bot(slack, models, redis_url, "socket") as bot:
+        files = [
+            slack.add_file("chart.png", picture.getvalue(), "image/png"),
+            slack.add_file("notes.txt", b"ship it on Friday", "text/plain"),
+            slack.add_file("gone.pdf", b"%PDF-", "application/pdf"),
+        ]
+        del slack.files[files[2]["id"]]  # Slack then answers with its sign-in page
+        mention = slack.user_message(
+            f"<@{BOT_USER_ID}> what is this?", event_type="app_mention", files=files
+        )
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: "📎" in thread_text(slack, mention["ts"]))
+
+    (image,) = models.images_seen[-1]
+    asked = models.chat_requests[-1]["messages"][-1]
+    assert asked["images"] == [image]
+    assert "File `notes.txt`:\n```txt\nship it on Friday\n```" in asked["content"]
+    assert thread_text(slack, mention["ts"]).endswith(
+        "📎 `gone.pdf`: Slack answered with its sign-in page: Parley needs the `files:read` "
+        "scope (add it and reinstall the app)."
+    )
+    assert slack.file_downloads == [f"Bearer {BOT_TOKEN}"] * 3  # the bot token, each time

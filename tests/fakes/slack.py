@@ -92,6 +92,8 @@ class FakeSlack:
         self._changed = asyncio.Condition()
         self._refusals: dict[str, tuple[int, float]] = {}  # method → (429s left, Retry-After)
         self._tier_calls: dict[str, list[float]] = {}  # method → times of calls it allowed
+        self.files: dict[str, tuple[bytes, str]] = {}  # file id → (bytes, mimetype)
+        self.file_downloads: list[str] = []  # the Authorization header of each download
         self._ts = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
         self._runner: web.AppRunner | None = None
@@ -105,6 +107,7 @@ class FakeSlack:
     async def __aenter__(self) -> FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/files-pri/{team_file}/{name}", self._file)
         app.router.add_get("/link", self._socket)
         app.router.add_post("/response/{id}", self._response_url)
         self._runner = web.AppRunner(app)
@@ -380,6 +383,35 @@ class FakeSlack:
             "is_ext_shared_channel": False,
         }
 
+    def add_file(self, name: str, data: bytes, mimetype: str) -> dict[str, Any]:
+        """A file someone uploaded: the object a message event's `files` carries."""
+        file_id = f"F{len(self.files) + 1:08d}"
+        self.files[file_id] = (data, mimetype)
+        base = f"http://127.0.0.1:{self.port}/files-pri/{TEAM_ID}-{file_id}/{name}"
+        return {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rpartition(".")[2],
+            "size": len(data),
+            "mode": "hosted",
+            "url_private": base,
+            "url_private_download": f"{base}?download",  # aiohttp keeps the query as is
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        """`url_private_download`: the bytes with the bot token; without it, Slack's sign-in
+        page (HTML, status 200), not an error status."""
+        auth = request.headers.get("Authorization", "")
+        self.file_downloads.append(auth)
+        file_id = request.match_info["team_file"].rpartition("-")[2]
+        if auth != f"Bearer {BOT_TOKEN}" or file_id not in self.files:
+            page = b"<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body>"
+            return web.Response(body=page, content_type="text/html")
+        data, mimetype = self.files[file_id]
+        return web.Response(body=data, headers={"Content-Type": mimetype})
+
     def user_message(
         self,
         text: str,
@@ -389,8 +421,10 @@ class FakeSlack:
         thread_ts: str | None = None,
         event_type: str = "message",
         ts: str | None = None,
+        files: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """A person's message event (`message` or `app_mention`) with a fresh ts."""
+        """A person's message event (`message` or `app_mention`) with a fresh ts; with `files`
+        (see `add_file`), a file share."""
         ts = ts or self._next_ts()
         event: dict[str, Any] = {
             "type": event_type,
@@ -408,6 +442,11 @@ class FakeSlack:
         if thread_ts:
             event["thread_ts"] = thread_ts
             event["parent_user_id"] = BOT_USER_ID
+        if files:
+            event["files"] = files
+            event["upload"] = False
+            if event_type == "message":
+                event["subtype"] = "file_share"
         return event
 
     def command_payload(
