@@ -1,10 +1,12 @@
 """Discord on discord.py: gateway events become Turns, and a ReplySink posts and edits replies.
 
-Decisions (who may talk, which conversation, what the model reads) are in `discord_logic`;
-everything about answering is the core's. This module only translates, and keeps Discord safe:
-no send or edit can ping anyone, each message declares its channel's edit budget (which the
-core shares among the replies streaming there), and rate limits are waited out, never retried
-blindly.
+Decisions (which events are readable, who may talk, which conversation, what the model reads)
+are in `discord_logic`; everything about answering is the core's. This module only translates,
+and keeps Discord safe: a message or interaction Parley cannot read is dropped with one log line
+before discord.py parses it (and whatever discord.py cannot parse costs that one event, not the
+connection), no send or edit can ping anyone, each message declares its channel's edit budget
+(which the core shares among the replies streaming there), and rate limits are waited out, never
+retried blindly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +27,18 @@ from adapters.discord_logic import (
     CONTENT_WITHHELD,
     MAX_CHARS,
     NOT_ALLOWED,
+    OPTION_CHARS,
     STOP_LABEL,
     Access,
     Place,
     content_withheld,
     conversation_key,
+    interaction_problem,
     may_switch_model,
     may_use,
+    message_problem,
     model_switch_refusal,
+    payload_id,
     rank_models,
     stop_custom_id,
     stop_token_of,
@@ -73,6 +79,16 @@ AUTOCOMPLETE_TIMEOUT = 2.5  # Discord discards autocomplete answers after 3 s
 STOP_GRACE = 10.0  # seconds in-flight replies get to reach their final state on stop
 WITHHELD_NOTICE_EVERY = 600.0  # seconds between "content withheld" notices per channel
 THREAD_ALREADY_CREATED = 160004  # Discord's error code: this message already has a thread
+ERROR_CHARS = 200  # of a parser's exception, in the line that says an event was dropped
+
+# The gateway events checked at the edge (see _check_events_at_the_edge), with what Parley
+# checks in their payload before discord.py parses it (None: only that discord.py can). Each
+# carries one message or interaction, so dropping one that cannot be read loses only itself.
+CHECKED_EVENTS: dict[str, Callable[[object], str | None] | None] = {
+    "MESSAGE_CREATE": message_problem,
+    "MESSAGE_UPDATE": None,  # Parley acts on none, but Discord echoes every edit, its own too
+    "INTERACTION_CREATE": interaction_problem,
+}
 
 Channel = (
     discord.TextChannel
@@ -82,6 +98,38 @@ Channel = (
     | discord.StageChannel
     | discord.PartialMessageable
 )
+
+
+def _check_events_at_the_edge(client: discord.Client) -> None:
+    """Drop, with one log line, a message or interaction whose payload Parley cannot read.
+
+    discord.py 2.7 parses a gateway event inside the loop that reads the websocket, and catches
+    nothing there: one exception from a parser (a key missing, an id that is not a number) ends
+    `Client.connect()` for good, while the socket stays open and its heartbeats go on, so Discord
+    shows Parley online and it hears nothing more. No public hook reaches that code
+    (`Client.on_error` covers event handlers, not parsers), so this replaces the parsers of
+    CHECKED_EVENTS in the connection state's parser table, in which the gateway looks up each
+    event it receives. The one place Parley touches discord.py's internals.
+    """
+    parsers = client._connection.parsers
+    for event, problem_of in CHECKED_EVENTS.items():
+        parsers[event] = _checked(event, parsers[event], problem_of)
+
+
+def _checked(
+    event: str, parse: Callable[[Any], None], problem_of: Callable[[object], str | None] | None
+) -> Callable[[Any], None]:
+    def parse_checked(data: Any) -> None:
+        try:
+            problem = problem_of(data) if problem_of is not None else None
+            if problem is None:
+                parse(data)
+                return
+        except Exception as e:  # discord.py's parser, on input nobody has checked all of
+            problem = f"discord.py could not read it ({type(e).__name__}: {e})"[:ERROR_CHARS]
+        log.warning("dropped Discord %s %s: %s", event, payload_id(data), problem)
+
+    return parse_checked
 
 
 def _place(channel: Any, guild_id: int | None) -> Place:
@@ -239,9 +287,13 @@ class DiscordAdapter:
 
     @property
     def ready(self) -> bool:
-        """Connected to the gateway (for /readyz)."""
+        """Connected to the gateway and reading it (for /readyz)."""
+        connection = self._connection
         return (
-            self._connection is not None and self.client.is_ready() and not self.client.is_closed()
+            connection is not None
+            and not connection.task.done()  # it may end while the client is neither closed…
+            and connection.client.is_ready()  # …nor any less ready
+            and not connection.client.is_closed()
         )
 
     @property
@@ -393,6 +445,7 @@ class DiscordAdapter:
             client = discord.AutoShardedClient(
                 shard_count=self.settings.discord_shard_count, **options
             )
+        _check_events_at_the_edge(client)
 
         @client.event
         async def on_message(message: discord.Message) -> None:
@@ -432,6 +485,13 @@ class DiscordAdapter:
             return  # joins, pins, thread-created notices…
         if isinstance(channel, discord.GroupChannel):
             return  # bots are never in group DMs
+        if isinstance(channel, discord.PartialMessageable):  # nor its guild, roles, permissions
+            log.warning(
+                "dropped Discord message %s: its channel %s is unknown to discord.py here",
+                message.id,
+                channel.id,
+            )
+            return
         place = _place(channel, message.guild.id if message.guild else None)
         if not may_use(self.access, place, user_id=author.id, role_ids=_role_ids(author)):
             return
@@ -598,7 +658,8 @@ class DiscordAdapter:
         @tree.command(name="model", description="Show this channel's model, or switch it")
         @app_commands.describe(name="The model to switch to (`default` goes back)")
         async def model(
-            interaction: discord.Interaction[discord.Client], name: str | None = None
+            interaction: discord.Interaction[discord.Client],
+            name: app_commands.Range[str, 1, OPTION_CHARS] | None = None,
         ) -> None:
             await self._tracked(self._slash(interaction, "model", name or ""))
 
@@ -615,6 +676,20 @@ class DiscordAdapter:
         @tree.command(name="help", description="What Parley does and how to use it")
         async def help_(interaction: discord.Interaction[discord.Client]) -> None:
             await self._tracked(self._slash(interaction, "help", ""))
+
+        @tree.error
+        async def on_command_error(
+            interaction: discord.Interaction[discord.Client], error: app_commands.AppCommandError
+        ) -> None:
+            # a command Parley does not have (synced by an older version), an option that does
+            # not convert, an interaction Discord no longer takes answers to: one line. A fault
+            # in Parley's own code keeps its traceback.
+            if isinstance(error, app_commands.CommandInvokeError) and not isinstance(
+                error.original, discord.HTTPException
+            ):
+                log.error("Discord command interaction %s failed", interaction.id, exc_info=error)
+                return
+            log.warning("Discord command interaction %s not answered: %s", interaction.id, error)
 
         return tree
 

@@ -26,6 +26,7 @@ from bot.errors import (
     describe,
 )
 from bot.logs import turn_id
+from bot.markdown import clean_text
 from bot.metrics import Metrics
 from bot.prompt import build_messages
 from bot.ratelimit import EditBudgets, Limiter
@@ -144,6 +145,7 @@ class Conversation:
 
     async def command(self, turn: Turn, name: str, args: str) -> CommandReply:
         """Run `model`, `reset` or `help`; never raises (a failure is the reply's words)."""
+        args = clean_text(args)  # a slash command's option, as it came
         try:
             return await self.commands.run(name, args, turn.key, may_switch=turn.may_switch_model)
         except REDIS_DOWN as e:

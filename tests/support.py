@@ -20,8 +20,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import discord
+import redis.asyncio as aioredis
 from aiohttp import web
 
+from adapters.discord import DiscordAdapter
 from adapters.slack import SlackAdapter
 from bot.app import Parley
 from bot.backends.base import Backend, Timeouts
@@ -115,6 +118,46 @@ def redis_errors_told(records: list[logging.LogRecord]) -> int:
     told = [r for r in records if "redis unavailable" in r.getMessage()]
     assert all(r.levelno >= logging.WARNING for r in told)
     return len(told)
+
+
+# --- Discord ---------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_discord(
+    settings: Settings, *, edit_budget: tuple[int, int] = (100, 1)
+) -> AsyncIterator[DiscordAdapter]:
+    """Parley with its Discord adapter started (see `discord_settings`), stopped at the end.
+
+    No 2 s wait for more guilds; an edit budget that leaves fast test streams alone. discord.py
+    keeps its REST base and gateway URL on classes: they are put back as they were.
+    """
+    base = discord.http.Route.BASE
+    gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    parley = await Parley.open(settings)
+    adapter = DiscordAdapter(parley, guild_ready_timeout=0, edit_budget=edit_budget)
+    try:
+        await adapter.start()
+        yield adapter
+    finally:
+        await adapter.stop()
+        await parley.aclose()
+        discord.http.Route.BASE = base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
+
+
+HELD_KEYS = ("parley:lock:*", "parley:busy:*", "parley:turn:*")
+
+
+async def held_in_redis(client: aioredis.Redis) -> list[str]:
+    """What a turn holds while it runs and must give back: thread locks, in-flight slots, Stop
+    owners (the keys left of them; none once every turn has finished)."""
+    return [str(key) for pattern in HELD_KEYS for key in await client.keys(pattern)]
+
+
+def tracebacks(records: list[logging.LogRecord]) -> list[str]:
+    """The log records that carry a traceback, as `logger: message` lines."""
+    return [f"{r.name}: {r.getMessage()}" for r in records if r.exc_info]
 
 
 # --- Slack -------------------------------------------------------------------------------------

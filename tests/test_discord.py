@@ -11,7 +11,6 @@ import itertools
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import discord
@@ -24,11 +23,17 @@ from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
 from bot.markdown import CURSOR, STOPPED
-from bot.settings import Settings
 from bot.turn import ConversationKey
 from tests.fakes.discord import MESSAGE_CONTENT_INTENT, SEND_MESSAGES, FakeDiscord, Recorded
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
-from tests.support import discord_settings, mention, redis_errors_told, until
+from tests.support import (
+    discord_settings,
+    mention,
+    redis_errors_told,
+    running_discord,
+    tracebacks,
+    until,
+)
 
 MESSAGES = r"/channels/\d+/messages"
 MESSAGE = r"/channels/\d+/messages/\d+"
@@ -56,26 +61,11 @@ def alice(fake: FakeDiscord) -> Json:
     return fake.add_user("alice")
 
 
-@asynccontextmanager
-async def running(
-    settings: Settings, *, edit_budget: tuple[int, int] = (100, 1)
-) -> AsyncIterator[DiscordAdapter]:
-    parley = await Parley.open(settings)
-    # no 2 s wait for more guilds; an edit budget that leaves fast test streams alone
-    adapter = DiscordAdapter(parley, guild_ready_timeout=0, edit_budget=edit_budget)
-    try:
-        await adapter.start()
-        yield adapter
-    finally:
-        await adapter.stop()
-        await parley.aclose()
-
-
 @pytest.fixture
 async def bot(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
 ) -> AsyncIterator[DiscordAdapter]:
-    async with running(discord_settings(redis_url, model_server, fake)) as adapter:
+    async with running_discord(discord_settings(redis_url, model_server, fake)) as adapter:
         yield adapter
 
 
@@ -352,7 +342,7 @@ async def test_only_the_page_being_written_carries_the_stop_button(
 async def test_a_stopped_reply_shows_it_at_once_though_streaming_used_the_edit_budget(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    async with running(discord_settings(redis_url, model_server, fake), edit_budget=(3, 5)):
+    async with running_discord(discord_settings(redis_url, model_server, fake), edit_budget=(3, 5)):
         model_server.script(Script(tokens=["word "] * 300, delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} talk for a while")
         reply, custom_id = await streaming_reply(fake, asked)
@@ -384,11 +374,11 @@ async def test_a_stop_pressed_on_another_replica_stops_the_reply(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     settings = discord_settings(redis_url, model_server, fake)
-    async with running(settings):
+    async with running_discord(settings):
         model_server.script(Script(tokens=["word "] * 300, delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} talk for a while")
         reply, custom_id = await streaming_reply(fake, asked)
-        async with running(settings):  # a second replica: Discord sends it the press
+        async with running_discord(settings):  # a second replica: Discord sends it the press
             other = fake.sessions[-1]
             iid = await fake.press(alice, reply["id"], custom_id, session=other)
             await fake.wait_for(lambda f: f.messages[reply["id"]]["content"].endswith(STOPPED))
@@ -405,7 +395,9 @@ async def test_a_stop_pressed_on_another_replica_stops_the_reply(
 async def test_follow_up_in_the_bots_thread_continues_the_history_without_a_mention(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
-    async with running(discord_settings(redis_url, model_server, fake, discord_use_threads=True)):
+    async with running_discord(
+        discord_settings(redis_url, model_server, fake, discord_use_threads=True)
+    ):
         model_server.script(
             Script(tokens=["Noted:", " 42."]), Script(tokens=["It", " was", " 42."])
         )
@@ -515,7 +507,7 @@ async def test_commands_are_synced_per_guild_when_guild_ids_are_configured(
     settings = discord_settings(
         redis_url, model_server, fake, discord_guild_ids=[int(fake.guild_id)]
     )
-    async with running(settings):
+    async with running_discord(settings):
         paths = [r.path for r in fake.calls("PUT")]
     assert paths == [f"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"]
     assert sorted(c["name"] for c in fake.commands[fake.guild_id]) == ["help", "model", "reset"]
@@ -562,7 +554,7 @@ async def test_a_slow_slash_command_is_deferred_then_answered_privately(
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     settings = discord_settings(redis_url, url, fake)
     try:
-        async with running(settings):
+        async with running_discord(settings):
             iid = await fake.slash(alice, "model")
             [deferred] = await fake.wait_for(lambda f: f.callbacks[iid], within=5)
             release.set()
@@ -583,7 +575,7 @@ async def test_model_autocomplete_offers_at_most_25_matches_best_first(
     names = [f"llama-variant-{i:02d}:latest" for i in range(40)] + ["llama3.2:latest", "qwen3:8b"]
     async with (
         FakeModelServer(models=names) as models,
-        running(discord_settings(redis_url, models, fake)),
+        running_discord(discord_settings(redis_url, models, fake)),
     ):
         iid = await fake.autocomplete(alice, "model", "name", "llama3")
         [callback] = await fake.wait_for(lambda f: f.callbacks[iid])
@@ -602,7 +594,7 @@ async def test_slash_reset_clears_the_threads_history(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     settings = discord_settings(redis_url, model_server, fake, discord_use_threads=True)
-    async with running(settings) as adapter:
+    async with running_discord(settings) as adapter:
         model_server.script(Script(tokens=["Noted."]), Script(tokens=["Fresh", " start."]))
         asked = await fake.say(alice, f"{mention(fake)} my name is Alice")
         await fake.wait_for(final("Noted."))
@@ -633,7 +625,7 @@ async def test_people_outside_the_user_allowlist_are_ignored(
     settings = discord_settings(
         redis_url, model_server, fake, discord_allowed_users=[int(bob["id"])]
     )
-    async with running(settings):
+    async with running_discord(settings):
         await fake.say(alice, f"{mention(fake)} may I?")
         iid = await fake.slash(alice, "help")
         model_server.script(Script(tokens=["Yes", " Bob."]))
@@ -651,7 +643,7 @@ async def test_model_switching_limited_to_administrators(
 ) -> None:
     admin = fake.add_user("ada", roles=[fake.admin_role])
     settings = discord_settings(redis_url, model_server, fake, discord_model_admin_only=True)
-    async with running(settings):
+    async with running_discord(settings):
         refused = await fake.slash(alice, "model", {"name": "qwen3:8b"})
         [refusal] = await fake.wait_for(lambda f: f.interaction_replies(refused))
         typed = await fake.say(alice, f"{mention(fake)} model qwen3:8b")
@@ -668,7 +660,7 @@ async def test_no_request_is_made_in_a_channel_where_the_bot_may_not_reply(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     muted = fake.add_channel("announcements", deny_bot=SEND_MESSAGES)
-    async with running(discord_settings(redis_url, model_server, fake)):
+    async with running_discord(discord_settings(redis_url, model_server, fake)):
         await fake.say(alice, f"{mention(fake)} answer here?", channel_id=muted)
         model_server.script(Script(tokens=["Here."]))
         await fake.say(alice, f"{mention(fake)} and here?")
@@ -676,6 +668,160 @@ async def test_no_request_is_made_in_a_channel_where_the_bot_may_not_reply(
 
     assert not [r for r in fake.requests if muted in r.path]  # no 403s to count against us
     assert len(model_server.chat_requests) == 1
+
+
+# --- hostile input at the edge ---------------------------------------------------------------
+
+UNKNOWN_ID = "1234567890123456789"  # a snowflake nothing in the fake Discord has
+
+
+def broken_messages(fake: FakeDiscord, author: Json) -> list[Json]:
+    """MESSAGE_CREATE payloads addressed to the bot that cannot be read: a field missing, of
+    the wrong type or too long (checked by Parley), one discord.py cannot parse, a channel it
+    has never seen."""
+    payloads = [fake.message_event(author, f"{mention(fake)} question {i}") for i in range(8)]
+    del payloads[0]["author"]
+    payloads[1]["content"] = 12345
+    payloads[2]["id"] = "not-a-snowflake"
+    payloads[3]["mentions"] = [1, "x", None]
+    payloads[4]["content"] += " and on" * 1000  # 4,000 characters is all Discord sends
+    payloads[5]["attachments"] = [1]  # discord.py's parser fails on it
+    payloads[6]["channel_id"] = UNKNOWN_ID
+    payloads[7]["guild_id"] = UNKNOWN_ID
+    in_dm = fake.message_event(author, "a DM", channel_id=fake.dm_channel_id(author))
+    del in_dm["author"]["avatar"]  # discord.py would leave the message without its author
+    return [*payloads, in_dm]
+
+
+async def final_reply_to(fake: FakeDiscord, asked_id: str) -> Json:
+    """The reply to `asked_id` once it is final (its Stop button gone)."""
+    [reply] = await fake.wait_for(lambda f: f.replies_to(asked_id))
+    return await fake.wait_for(lambda f: (m := f.messages[reply["id"]])["components"] == [] and m)
+
+
+def dropped(records: list[logging.LogRecord]) -> list[str]:
+    """The lines that said an event was dropped or not answered."""
+    return [
+        r.getMessage()
+        for r in records
+        if r.name == "adapters.discord"
+        and r.levelno == logging.WARNING
+        and ("dropped Discord" in r.getMessage() or "not answered" in r.getMessage())
+    ]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["client", "sharded client"])
+async def test_a_message_parley_cannot_read_is_dropped_with_one_line_and_the_connection_stays_up(
+    sharded: bool,
+    redis_url: str,
+    model_server: FakeModelServer,
+    fake: FakeDiscord,
+    alice: Json,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    shards = {"discord_shard_count": 1} if sharded else {}
+    async with running_discord(discord_settings(redis_url, model_server, fake, **shards)) as bot:
+        start = len(fake.requests)
+        broken = broken_messages(fake, alice)
+        for payload in broken:
+            await fake.dispatch("MESSAGE_CREATE", payload, guild_id=fake.guild_id)
+        # the bot's own edits come back as MESSAGE_UPDATE, which discord.py parses as well
+        await fake.dispatch("MESSAGE_UPDATE", {"id": "1", "channel_id": "x"}, guild_id=None)
+        model_server.script(Script(tokens=["Still", " here."]))
+        asked = await fake.say(alice, f"{mention(fake)} are you still there?")
+        await fake.wait_for(final("Still here."))
+        assert bot.ready
+
+    assert tracebacks(caplog.records) == []
+    lines = dropped(caplog.records)
+    assert len(lines) == len(broken) + 1, lines
+    assert all(len(line) < 250 for line in lines)
+    posts = [r.json for r in fake.requests[start:] if re.fullmatch(MESSAGES, r.path)]
+    assert [str(p["message_reference"]["message_id"]) for p in posts] == [asked["id"]]
+    assert len(model_server.chat_requests) == 1
+
+
+async def test_an_interaction_parley_cannot_read_is_dropped_with_one_line_and_gets_no_answer(
+    bot: DiscordAdapter, fake: FakeDiscord, alice: Json, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reply = fake.message_event(fake.bot, "an answer")["id"]
+    stop = f"parley:stop:discord:{reply}"
+    text = [{"name": "name", "type": 3, "value": "qwen3:8b"}]
+    broken = [
+        ("press", {"component_type": 2}),  # no custom_id
+        ("press", {"custom_id": 5, "component_type": 2}),
+        ("press", {"custom_id": stop + "0" * 100, "component_type": 2}),  # over 100
+        ("press", "garbage"),
+        ("slash", "garbage"),
+        ("slash", fake.command_data("model", [{**text[0], "value": 5}])),
+        ("slash", fake.command_data("model", [{**text[0], "value": "q" * 1000}])),
+        ("slash", fake.command_data("nope", [])),  # not one of Parley's: discord.py says so
+        ("autocomplete", fake.command_data("model", text)),  # no option focused
+    ]
+    kinds = {"slash": 2, "press": 3, "autocomplete": 4}
+    iids = []
+    for kind, data in broken:
+        payload = fake.interaction_event(alice, kinds[kind], data, message_id=reply)
+        await fake.dispatch("INTERACTION_CREATE", payload, guild_id=fake.guild_id)
+        iids.append(str(payload["id"]))
+    unreadable = fake.interaction_event(alice, 2, fake.command_data("help", []))
+    unreadable["channel"] = {"id": UNKNOWN_ID, "type": 0}  # discord.py's parser fails on it
+    await fake.dispatch("INTERACTION_CREATE", unreadable, guild_id=fake.guild_id)
+    iids.append(str(unreadable["id"]))
+    helped = await fake.slash(alice, "help")
+    await fake.wait_for(lambda f: f.interaction_replies(helped))
+
+    assert tracebacks(caplog.records) == []
+    assert len(dropped(caplog.records)) == len(iids), dropped(caplog.records)
+    assert [fake.callbacks[iid] for iid in iids] == [[]] * len(iids)
+    assert not [r for r in fake.requests if r.path.startswith("/webhooks/")]
+
+
+async def test_a_question_in_an_odd_shape_is_still_answered(
+    redis_url: str,
+    model_server: FakeModelServer,
+    fake: FakeDiscord,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    # one asker per channel: one reply in flight per person, one stream per edit bucket
+    places = [(fake.add_user(f"asker{i}"), fake.add_channel(f"odd-{i}")) for i in range(4)]
+    text = f"{mention(fake)} odd\x00\x1b[2J\u202e"
+    odd = [fake.message_event(user, text, channel_id=channel) for user, channel in places]
+    odd[0]["something_new"] = {"discord": ["adds", "fields"]}
+    odd[1]["id"] = int(odd[1]["id"])  # a number, not a string
+    deleted = {"message_id": UNKNOWN_ID, "channel_id": odd[2]["channel_id"]}
+    odd[2].update(type=19, message_reference=deleted, referenced_message=None)
+    odd[3].update(flags=1 << 30, nonce=[1], timestamp="yesterday", member={"roles": []})
+    async with running_discord(discord_settings(redis_url, model_server, fake)):
+        for payload in odd:
+            await fake.dispatch("MESSAGE_CREATE", payload, guild_id=fake.guild_id)
+        for payload in odd:
+            await final_reply_to(fake, str(payload["id"]))
+
+    assert tracebacks(caplog.records) == dropped(caplog.records) == []
+    assert len(model_server.chat_requests) == len(odd)
+
+
+async def test_an_unreadable_event_parley_does_not_check_ends_the_connection_and_ready_says_so(
+    redis_url: str,
+    model_server: FakeModelServer,
+    fake: FakeDiscord,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # why the checked events are checked: discord.py lets its parser's exception end the
+    # connection (and keeps the socket open, heartbeats and all), so Parley would hear nothing
+    # more; /readyz now says so
+    async with running_discord(discord_settings(redis_url, model_server, fake)) as bot:
+        await until(lambda: bot.ready)
+        await fake.dispatch("GUILD_ROLE_CREATE", {"guild_id": fake.guild_id, "role": "x"})
+        await until(lambda: not bot.ready)
+        assert fake.sessions  # Discord still sees it connected
+
+    [ended] = [r.getMessage() for r in caplog.records if "connection ended" in r.getMessage()]
+    assert "TypeError" in ended
 
 
 # --- the gateway ----------------------------------------------------------------------------
@@ -687,7 +833,7 @@ async def test_message_content_intent_refused_is_logged_and_told_to_the_user(
     caplog.set_level(logging.WARNING, logger="adapters.discord")
     async with FakeDiscord(grant_message_content=False) as fake:
         user = fake.add_user("carol")
-        async with running(discord_settings(redis_url, model_server, fake)):
+        async with running_discord(discord_settings(redis_url, model_server, fake)):
             asked = await fake.say(user, f"{mention(fake)} hello?", withheld=True)
             [notice] = await fake.wait_for(lambda f: replies_to(f, asked["id"]))
 
@@ -723,7 +869,7 @@ async def test_shard_settings_identify_as_that_shard(
     settings = discord_settings(
         redis_url, model_server, fake, discord_shard_count=2, discord_shard_ids=[1]
     )
-    async with running(settings):
+    async with running_discord(settings):
         pass
     assert [i["shard"] for i in fake.identifies] == [[1, 2]]
     assert not fake.calls("PUT")  # only the process with shard 0 syncs commands
@@ -733,7 +879,7 @@ async def test_an_event_delivered_to_two_replicas_opens_one_thread_and_is_answer
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     settings = discord_settings(redis_url, model_server, fake, discord_use_threads=True)
-    async with running(settings), running(settings):
+    async with running_discord(settings), running_discord(settings):
         assert len(fake.sessions) == 2  # two plain clients: both get every event of the guild
         model_server.script(Script(tokens=["Only", " once."], delay=0.02))
         asked = await fake.say(alice, f"{mention(fake)} one question")
@@ -752,7 +898,7 @@ async def test_edit_budget_is_shared_by_every_stream_in_a_channel(
     redis_url: str, model_server: FakeModelServer, fake: FakeDiscord, alice: Json
 ) -> None:
     bob = fake.add_user("bob")
-    async with running(discord_settings(redis_url, model_server, fake), edit_budget=(3, 1)):
+    async with running_discord(discord_settings(redis_url, model_server, fake), edit_budget=(3, 1)):
         text = " ".join(f"word{i}" for i in range(6))
         script = Script(tokens=word_pieces(text), delay=0.05)
         model_server.script(script, script)
@@ -779,7 +925,7 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
 ) -> None:
     caplog.set_level(logging.INFO)
     unavailable = describe(StateUnavailable())
-    async with running(discord_settings(own_redis.url, model_server, fake)):
+    async with running_discord(discord_settings(own_redis.url, model_server, fake)):
         model_server.script(Script(tokens=["Before", " the", " outage."]))
         await fake.say(alice, f"{mention(fake)} hello")
         before = await fake.wait_for(final("Before the outage."))

@@ -23,6 +23,8 @@ Deliberate wire details (what Discord does and discord.py relies on):
   really carries can be pressed; it is acked with a callback of type 6 (deferred update) or 7.
 * Every identified gateway connection gets every dispatch of the guilds its shard owns: two
   plain (unsharded) clients on one token both get everything, as a duplicated delivery would.
+* `message_event` and `interaction_event` build a dispatch's payload without sending it, so a
+  test can break it first; `dispatch` sends any JSON, however malformed, as the gateway would.
 """
 
 from __future__ import annotations
@@ -185,10 +187,17 @@ class FakeDiscord:
     """`async with FakeDiscord() as fake:`, then point discord.py at `.api_url`, `.gateway_url`."""
 
     def __init__(
-        self, *, token: str = "fake-bot-token", grant_message_content: bool = True
+        self,
+        *,
+        token: str = "fake-bot-token",
+        grant_message_content: bool = True,
+        bucket_size: int = 5,
     ) -> None:
+        """`bucket_size`: the requests each rate-limit bucket (a route in a channel) takes per
+        5 s, as success responses report it; Discord's is 5 (edits: one a second)."""
         self.token = token
         self.grant_message_content = grant_message_content
+        self.bucket_size = bucket_size
         self._ids = itertools.count(1)
         self.requests: list[Recorded] = []
         self.identifies: list[Json] = []
@@ -523,7 +532,7 @@ class FakeDiscord:
         self, method: str, path: str, *, remaining: int, reset_after: float
     ) -> dict[str, str]:
         return {
-            "X-RateLimit-Limit": "5",
+            "X-RateLimit-Limit": str(self.bucket_size),
             "X-RateLimit-Remaining": str(remaining),
             "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
             "X-RateLimit-Reset-After": f"{reset_after:.3f}",
@@ -560,9 +569,10 @@ class FakeDiscord:
         if not sock.ws.closed:
             await sock.ws.send_str(json.dumps(payload))
 
-    async def _dispatch_to(self, sock: _Socket, event: str, data: Json) -> None:
+    async def _dispatch_to(self, sock: _Socket, event: str, data: Any) -> None:
         sock.seq += 1
-        self.dispatched.append(Dispatched(sock.session_id, event, data.get("id")))
+        data_id = data.get("id") if isinstance(data, dict) else None
+        self.dispatched.append(Dispatched(sock.session_id, event, data_id))
         await self._send(sock, {"op": 0, "t": event, "s": sock.seq, "d": data})
 
     @property
@@ -619,10 +629,11 @@ class FakeDiscord:
         return (int(guild_id or self.guild_id) >> 22) % count == shard_id
 
     async def dispatch(
-        self, event: str, data: Json, *, guild_id: str | None = None, session: str | None = None
+        self, event: str, data: Any, *, guild_id: str | None = None, session: str | None = None
     ) -> None:
         """Send a dispatch to the shard that owns `guild_id` (shard 0 for DMs): to every such
-        connection, or only to `session`'s (as Discord delivers an interaction to one)."""
+        connection, or only to `session`'s (as Discord delivers an interaction to one). `data`
+        is sent as it is, whatever its shape."""
         for sock in list(self._sockets):
             if not sock.identified.is_set() or session not in (None, sock.session_id):
                 continue
@@ -737,6 +748,27 @@ class FakeDiscord:
         self.messages[message["id"]] = message
         return message
 
+    def message_event(
+        self,
+        author: Json,
+        content: str,
+        *,
+        channel_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> Json:
+        """`author` writes `content` in a channel, thread or DM (`dm_channel_id`): the message is
+        kept, and its MESSAGE_CREATE payload returned undispatched (a deep copy, to break as a
+        test likes).
+
+        `reply_to` makes it a reply (which pings the replied-to author, Discord's default)."""
+        channel_id = channel_id or self.channel_id
+        reference = {"message_id": reply_to, "channel_id": channel_id} if reply_to else None
+        message = self._message(
+            channel_id=channel_id, author=author, content=content, reference=reference
+        )
+        payload: Json = json.loads(json.dumps(message))
+        return payload
+
     async def say(
         self,
         author: Json,
@@ -751,16 +783,12 @@ class FakeDiscord:
         `reply_to` makes it a reply (which pings the replied-to author, Discord's default);
         `withheld` blanks the content as Discord does for a bot without the Message Content intent.
         """
-        channel_id = channel_id or self.channel_id
-        reference = {"message_id": reply_to, "channel_id": channel_id} if reply_to else None
-        message = self._message(
-            channel_id=channel_id, author=author, content=content, reference=reference
-        )
-        payload = dict(message)
+        payload = self.message_event(author, content, channel_id=channel_id, reply_to=reply_to)
         if withheld:
             payload.update(content="", embeds=[], attachments=[], components=[])
-        await self.dispatch("MESSAGE_CREATE", payload, guild_id=self._channel_guild(channel_id))
-        return message
+        guild_id = self._channel_guild(payload["channel_id"])
+        await self.dispatch("MESSAGE_CREATE", payload, guild_id=guild_id)
+        return self.messages[payload["id"]]
 
     async def dm(self, author: Json, content: str, *, reply_to: str | None = None) -> Json:
         """`author` writes to the bot in a DM."""
@@ -813,6 +841,31 @@ class FakeDiscord:
         self._interaction_channels[iid] = channel_id
         self._interaction_kinds[iid] = kind
         return iid, token, payload
+
+    def interaction_event(
+        self,
+        user: Json,
+        kind: int,
+        data: Any,
+        *,
+        channel_id: str | None = None,
+        message_id: str | None = None,
+    ) -> Json:
+        """The INTERACTION_CREATE payload of `user`'s interaction of type `kind` carrying `data`
+        (any JSON), on the message `message_id` if given: undispatched, answerable, and a deep
+        copy to break as a test likes."""
+        iid, _, payload = self._interaction(user, kind, data, channel_id)
+        if message_id is not None:
+            payload["message"] = self.messages[message_id]
+            self._interaction_messages[iid] = message_id
+        copied: Json = json.loads(json.dumps(payload))
+        return copied
+
+    def command_data(
+        self, name: str, options: list[Json], *, channel_id: str | None = None
+    ) -> Json:
+        """The `data` of a slash command `name` (as synced) with these options."""
+        return self._command_data(name, options, channel_id)
 
     def _command_data(self, name: str, options: list[Json], channel_id: str | None) -> Json:
         guild_id = self._channel_guild(channel_id or self.channel_id)
@@ -884,16 +937,16 @@ class FakeDiscord:
         if button is None or button.get("disabled"):
             raise ValueError(f"message {message_id} has no enabled button {custom_id!r}")
         data: Json = {"custom_id": custom_id, "component_type": BUTTON}
-        iid, _, payload = self._interaction(user, MESSAGE_COMPONENT, data, message["channel_id"])
-        payload["message"] = dict(message)
-        self._interaction_messages[iid] = message_id
+        payload = self.interaction_event(
+            user, MESSAGE_COMPONENT, data, channel_id=message["channel_id"], message_id=message_id
+        )
         await self.dispatch(
             "INTERACTION_CREATE",
             payload,
             guild_id=self._channel_guild(message["channel_id"]),
             session=session,
         )
-        return iid
+        return str(payload["id"])
 
     def interaction_replies(self, iid: str) -> list[str]:
         """Everything the bot answered to an interaction: callback and follow-up contents."""
@@ -963,7 +1016,9 @@ class FakeDiscord:
                 )
             else:
                 response.headers.update(
-                    self._ratelimit_headers(method, path, remaining=4, reset_after=5.0)
+                    self._ratelimit_headers(
+                        method, path, remaining=self.bucket_size - 1, reset_after=5.0
+                    )
                 )
         return response
 
