@@ -48,8 +48,10 @@ from adapters.discord_logic import (
 from bot.app import Parley
 from bot.commands import CommandReply, parse_text_command
 from bot.conversation import stop_token
+from bot.errors import AttachmentUnavailable
 from bot.markdown import split_message
 from bot.turn import (
+    Attachment,
     ConversationKey,
     EditBudget,
     Frame,
@@ -130,6 +132,20 @@ def _checked(
         log.warning("dropped Discord %s %s: %s", event, payload_id(data), problem)
 
     return parse_checked
+
+
+def _attachment(attachment: discord.Attachment) -> Attachment:
+    """A file on a message, fetched from Discord's CDN (its URL is signed and expires: the core
+    reads it while answering the message that brought it)."""
+
+    async def read(limit: int) -> bytes:
+        try:
+            data = await attachment.read()
+        except discord.HTTPException as e:
+            raise AttachmentUnavailable(f"Discord answered {e.status} for it.") from e
+        return data[: limit + 1]
+
+    return Attachment(attachment.filename, attachment.content_type or "", attachment.size, read)
 
 
 def _place(channel: Any, guild_id: int | None) -> Place:
@@ -548,6 +564,7 @@ class DiscordAdapter:
             ),
             only_if_active=only_if_active,
             chain=chain,
+            attachments=tuple(_attachment(a) for a in message.attachments),
         )
         sink.stop_token = stop_token(turn)
         await self.parley.conversation.handle(turn, sink)

@@ -297,6 +297,7 @@ def file_block(name: str, text: str, max_chars: int) -> tuple[str, str]:
     """The file's text as a fenced block under its name, cut at `max_chars` (and the note that
     says so, for the reply)."""
     note = ""
+    text = text.rstrip("\n")
     if len(text) > max_chars:
         note = f"`{name}` is {len(text):,} characters long; I read the first {max_chars:,}."
         text = text[:max_chars] + "\n[… the rest of the file is cut]"

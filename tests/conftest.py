@@ -3,13 +3,21 @@ fake model server per test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from bot.embedded_redis import EmbeddedRedis
 from tests.fakes.model_server import FakeModelServer
+
+# The suite's property tests draw the same examples on every run, so that a green CI stays green;
+# HYPOTHESIS_PROFILE=explore draws new ones (with PARLEY_FUZZ_EXAMPLES for the fuzz tests' count).
+settings.register_profile("suite", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture(scope="session")

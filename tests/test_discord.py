@@ -7,6 +7,7 @@ asserts on what Discord would have received over REST.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import re
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import discord
+import PIL.Image
 import pytest
 from aiohttp import web
 
@@ -949,3 +951,32 @@ async def test_during_a_redis_outage_people_are_told_and_parley_recovers_by_itse
 
     assert redis_errors_told(caplog.records) == 3
     assert len(model_server.chat_requests) == 2  # nothing reached the model during the outage
+
+
+# --- attachments ----------------------------------------------------------------------------
+
+
+async def test_attachments_reach_the_model_and_an_expired_one_is_said(
+    redis_url: str, fake: FakeDiscord, alice: Json
+) -> None:
+    picture = io.BytesIO()
+    PIL.Image.new("RGB", (1200, 900), (20, 160, 90)).save(picture, "JPEG")
+    files = [
+        fake.attachment("photo.jpg", picture.getvalue(), "image/jpeg"),
+        fake.attachment("config.yaml", b"retries: 3\ntimeout: 10s\n", None),  # no type given
+        fake.attachment("old.txt", b"expired", "text/plain"),
+    ]
+    fake.forget_attachment(files[2])  # its signed URL has expired: the CDN answers 404
+    models = FakeModelServer(["gemma3:4b"])  # a model that sees
+    async with models, running_discord(discord_settings(redis_url, models, fake)):
+        await fake.say(alice, f"{mention(fake)} check these", attachments=files)
+        reply = await fake.wait_for(
+            lambda f: next((m for m in f.bot_messages() if "📎" in m["content"]), None)
+        )
+
+    (image,) = models.images_seen[-1]
+    asked = models.chat_requests[-1]["messages"][-1]
+    assert asked["images"] == [image]
+    assert "File `config.yaml`:\n```yaml\nretries: 3\ntimeout: 10s\n```" in asked["content"]
+    assert reply["content"].endswith("📎 `old.txt`: Discord answered 404 for it.")
+    assert len(fake.file_downloads) == 3

@@ -49,6 +49,17 @@ class Done:
 Chunk = Content | Thinking | Done
 
 
+def count(value: object) -> int:
+    """A token count or duration a server reports; one of another shape counts as 0 (it is
+    bookkeeping, never a reason to fail a reply)."""
+    if not isinstance(value, int | float | str):
+        return 0
+    try:
+        return max(0, int(value))
+    except (ValueError, OverflowError):
+        return 0
+
+
 @dataclass(frozen=True)
 class Image:
     """An image as models take it: its media type and its bytes in base64 (no `data:` prefix)."""

@@ -16,6 +16,7 @@ from bot.backends.base import (
     Message,
     Thinking,
     Timeouts,
+    count,
     error_text,
     make_client,
     open_stream,
@@ -64,9 +65,9 @@ def chunks_of(data: Any, backend: str) -> list[Chunk]:
             chunks.append(
                 Done(
                     reason=str(data.get("done_reason", "stop")),
-                    prompt_tokens=int(data.get("prompt_eval_count", 0)),
-                    completion_tokens=int(data.get("eval_count", 0)),
-                    eval_seconds=int(data.get("eval_duration", 0)) / 1e9,
+                    prompt_tokens=count(data.get("prompt_eval_count")),
+                    completion_tokens=count(data.get("eval_count")),
+                    eval_seconds=count(data.get("eval_duration")) / 1e9,
                 )
             )
     except (AttributeError, TypeError, ValueError):

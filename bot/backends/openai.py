@@ -16,6 +16,7 @@ from bot.backends.base import (
     Message,
     Thinking,
     Timeouts,
+    count,
     error_text,
     make_client,
     open_stream,
@@ -63,8 +64,8 @@ class OpenAIBackend:
                         if payload == "[DONE]":
                             yield Done(
                                 reason=reason or "stop",
-                                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                                completion_tokens=int(usage.get("completion_tokens", 0)),
+                                prompt_tokens=count(usage.get("prompt_tokens")),
+                                completion_tokens=count(usage.get("completion_tokens")),
                             )
                             await rest_of_body(lines)
                             return

@@ -232,6 +232,8 @@ class FakeDiscord:
         self.members[self.owner["id"]] = self._member_data(self.owner["id"], [])
         self.channel_id = self.add_channel("general")
         self.thread_ids: list[str] = []
+        self.files: dict[str, bytes] = {}  # attachment id → bytes, on the CDN
+        self.file_downloads: list[str] = []
 
     # --- lifecycle ---
 
@@ -239,6 +241,7 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", API + "/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{channel}/{id}/{filename}", self._attachment_file)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -258,6 +261,38 @@ class FakeDiscord:
     @property
     def api_url(self) -> str:
         return self.url + API
+
+    # --- attachments (Discord's CDN) ---
+
+    def attachment(self, filename: str, data: bytes, content_type: str | None) -> Json:
+        """A file on a message: the object `attachments[]` carries, its URL signed as Discord's
+        CDN signs them (`ex`, `is`, `hm`); `forget_attachment` makes it answer 404."""
+        attachment_id = self._snowflake()
+        self.files[attachment_id] = data
+        url = (
+            f"{self.url}/attachments/{self.channel_id}/{attachment_id}/{filename}"
+            f"?ex={int(time.time()) + 86400:x}&is={int(time.time()):x}&hm={attachment_id[-8:]}&"
+        )
+        found: Json = {
+            "id": attachment_id,
+            "filename": filename,
+            "size": len(data),
+            "url": url,
+            "proxy_url": url.replace("/attachments/", "/proxy/attachments/"),
+        }
+        if content_type is not None:
+            found["content_type"] = content_type
+        return found
+
+    def forget_attachment(self, attachment: Json) -> None:
+        self.files.pop(attachment["id"], None)
+
+    async def _attachment_file(self, request: web.Request) -> web.StreamResponse:
+        self.file_downloads.append(request.path)
+        data = self.files.get(request.match_info["id"])
+        if data is None or "hm" not in request.query:
+            return web.Response(status=404, text="This content is no longer available.")
+        return web.Response(body=data, content_type="application/octet-stream")
 
     @property
     def gateway_url(self) -> str:
@@ -777,13 +812,18 @@ class FakeDiscord:
         channel_id: str | None = None,
         reply_to: str | None = None,
         withheld: bool = False,
+        attachments: list[Json] | None = None,
     ) -> Json:
         """`author` writes `content` in a guild channel or thread; the bot gets MESSAGE_CREATE.
 
         `reply_to` makes it a reply (which pings the replied-to author, Discord's default);
-        `withheld` blanks the content as Discord does for a bot without the Message Content intent.
+        `withheld` blanks the content as Discord does for a bot without the Message Content intent;
+        `attachments` (see `attachment`) go with the message.
         """
         payload = self.message_event(author, content, channel_id=channel_id, reply_to=reply_to)
+        if attachments:
+            payload["attachments"] = attachments
+            self.messages[payload["id"]]["attachments"] = attachments
         if withheld:
             payload.update(content="", embeds=[], attachments=[], components=[])
         guild_id = self._channel_guild(payload["channel_id"])
