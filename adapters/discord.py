@@ -26,18 +26,14 @@ from adapters.discord_logic import (
     CHOICE_CHARS,
     CONTENT_WITHHELD,
     MAX_CHARS,
-    NOT_ALLOWED,
     OPTION_CHARS,
+    PLATFORM,
     STOP_LABEL,
-    Access,
     Place,
     content_withheld,
     conversation_key,
     interaction_problem,
-    may_switch_model,
-    may_use,
     message_problem,
-    model_switch_refusal,
     payload_id,
     rank_models,
     stop_custom_id,
@@ -45,6 +41,7 @@ from adapters.discord_logic import (
     thread_name,
     to_model_text,
 )
+from bot.access import Access, Asker
 from bot.app import Parley
 from bot.commands import CommandReply, parse_text_command
 from bot.conversation import stop_token
@@ -76,6 +73,7 @@ EDIT_BUDGET = (5, 5)
 # Rate limits longer than this surface as discord.RateLimited (→ PlatformRateLimited) instead
 # of discord.py sleeping inside the call; discord.py's minimum.
 MAX_RATELIMIT_WAIT = 30.0
+PROMPT_OPTION_CHARS = 4000  # a slash command's string option: Discord's own limit is 6,000
 DEFER_AFTER = 1.0  # seconds: slower slash commands are deferred (Discord allows 3)
 AUTOCOMPLETE_TIMEOUT = 2.5  # Discord discards autocomplete answers after 3 s
 STOP_GRACE = 10.0  # seconds in-flight replies get to reach their final state on stop
@@ -154,8 +152,19 @@ def _place(channel: Any, guild_id: int | None) -> Place:
     return Place(guild_id, channel.id)
 
 
-def _role_ids(user: discord.abc.User) -> list[int]:
-    return [role.id for role in user.roles] if isinstance(user, discord.Member) else []
+def _roles(user: discord.abc.User) -> frozenset[str]:
+    return (
+        frozenset(str(r.id) for r in user.roles)
+        if isinstance(user, discord.Member)
+        else frozenset()
+    )
+
+
+def _asker(place: Place, user: discord.abc.User) -> Asker:
+    """Who asks where, as the core's access rules read it."""
+    space = "" if place.is_dm else str(place.guild_id)
+    channel = str(place.home_channel)
+    return Asker(str(user.id), space, channel, place.is_dm, _roles(user), _is_admin(user))
 
 
 def _is_admin(user: discord.abc.User) -> bool:
@@ -293,7 +302,7 @@ class DiscordAdapter:
             raise ValueError("PARLEY_DISCORD_TOKEN is not set")
         self.parley = parley
         self.settings = settings
-        self.access = Access.from_settings(settings)
+        self.access = Access.for_platform(settings, PLATFORM)
         self.guild_ready_timeout = guild_ready_timeout
         self.edit_budget = edit_budget
         self.message_content = True  # False once Discord refused the intent
@@ -495,7 +504,7 @@ class DiscordAdapter:
     async def _on_message(self, message: discord.Message) -> None:
         me = self.client.user
         author, channel = message.author, message.channel
-        if me is None or author.bot or author.id == me.id:  # bots, webhooks and ourselves
+        if me is None or author.id == me.id:  # ourselves (other bots: the core decides)
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return  # joins, pins, thread-created notices…
@@ -509,7 +518,7 @@ class DiscordAdapter:
             )
             return
         place = _place(channel, message.guild.id if message.guild else None)
-        if not may_use(self.access, place, user_id=author.id, role_ids=_role_ids(author)):
+        if not self.access.may_use(_asker(place, author)):  # before a thread is opened for it
             return
         addressed = self._addressed(message, place, me.id)
         if addressed is None:
@@ -559,9 +568,9 @@ class DiscordAdapter:
             text=text,
             event_id=str(message.id),
             is_admin=_is_admin(author),
-            may_switch_model=may_switch_model(
-                self.access, place, is_admin=_is_admin(author), role_ids=_role_ids(author)
-            ),
+            roles=_roles(author),
+            in_dm=place.is_dm,
+            from_bot=author.bot,
             only_if_active=only_if_active,
             chain=chain,
             attachments=tuple(_attachment(a) for a in message.attachments),
@@ -686,6 +695,18 @@ class DiscordAdapter:
         ) -> list[app_commands.Choice[str]]:
             return await self._model_choices(interaction, current)
 
+        @tree.command(name="prompt", description="Show this channel's system prompt, or set it")
+        @app_commands.describe(text="The new prompt (`default` goes back to the default one)")
+        async def prompt(
+            interaction: discord.Interaction[discord.Client],
+            text: app_commands.Range[str, 1, PROMPT_OPTION_CHARS] | None = None,
+        ) -> None:
+            await self._tracked(self._slash(interaction, "prompt", text or ""))
+
+        @tree.command(name="usage", description="How many tokens you have used, and your limit")
+        async def usage(interaction: discord.Interaction[discord.Client]) -> None:
+            await self._tracked(self._slash(interaction, "usage", ""))
+
         @tree.command(name="reset", description="Forget this thread's conversation")
         async def reset(interaction: discord.Interaction[discord.Client]) -> None:
             await self._tracked(self._slash(interaction, "reset", ""))
@@ -738,30 +759,18 @@ class DiscordAdapter:
     async def _slash(
         self, interaction: discord.Interaction[discord.Client], name: str, args: str
     ) -> None:
+        """A slash command: the core decides who may run it, and answers."""
         user = interaction.user
         place = self._interaction_place(interaction)
-        roles = _role_ids(user)
-        is_admin = interaction.permissions.administrator
-        if not may_use(self.access, place, user_id=user.id, role_ids=roles):
-            await self._answer(interaction, NOT_ALLOWED)
-            return
-        if (
-            name == "model"
-            and args
-            and not may_switch_model(self.access, place, is_admin=is_admin, role_ids=roles)
-        ):
-            await self._answer(interaction, model_switch_refusal(self.access))
-            return
         turn = Turn(
             key=conversation_key(place),
             user_id=str(user.id),
             user_name=user.display_name,
             text="",
             event_id="",
-            is_admin=is_admin,
-            may_switch_model=may_switch_model(
-                self.access, place, is_admin=is_admin, role_ids=roles
-            ),
+            is_admin=interaction.permissions.administrator,
+            roles=_roles(user),
+            in_dm=place.is_dm,
         )
         await self._answer(interaction, self.parley.conversation.command(turn, name, args))
 
@@ -794,7 +803,7 @@ class DiscordAdapter:
     ) -> list[app_commands.Choice[str]]:
         place = self._interaction_place(interaction)
         user = interaction.user
-        if not may_use(self.access, place, user_id=user.id, role_ids=_role_ids(user)):
+        if not self.access.may_use(_asker(place, user)):
             return []
         try:
             names = await asyncio.wait_for(

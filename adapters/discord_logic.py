@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.settings import Settings
 from bot.turn import ConversationKey
 
 PLATFORM = "discord"
@@ -35,11 +34,6 @@ CONTENT_WITHHELD = (
     "I can't read this message: Discord is withholding message text from me. "
     "An operator needs to turn on the **Message Content** intent for Parley in the Discord "
     "developer portal (Bot → Privileged Gateway Intents)."
-)
-NOT_ALLOWED = "Parley isn't enabled for you here."
-MODEL_SWITCH_ADMINS = "Only server administrators can switch models here."
-MODEL_SWITCH_ROLE = (
-    "Only administrators and members with the <@&{role}> role can switch models here."
 )
 
 _USER = re.compile(r"<@!?([0-9]{1,20})>")
@@ -357,71 +351,6 @@ def content_withheld(
     the text, attachments and embeds of messages that neither mention the bot nor are DMs.
     """
     return not content and not attachments and not embeds and not stickers and not has_poll
-
-
-# --- who may do what ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Access:
-    """The operator's allowlists and the model-switching rule (empty lists allow everyone)."""
-
-    guilds: frozenset[int] = frozenset()
-    channels: frozenset[int] = frozenset()
-    roles: frozenset[int] = frozenset()
-    users: frozenset[int] = frozenset()
-    model_role: int | None = None
-    model_admin_only: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Access:
-        return cls(
-            guilds=frozenset(settings.discord_allowed_guilds),
-            channels=frozenset(settings.discord_allowed_channels),
-            roles=frozenset(settings.discord_allowed_roles),
-            users=frozenset(settings.discord_allowed_users),
-            model_role=settings.discord_model_role,
-            model_admin_only=settings.discord_model_admin_only,
-        )
-
-
-def may_use(access: Access, place: Place, *, user_id: int, role_ids: Iterable[int]) -> bool:
-    """Whether this person may talk to the bot here.
-
-    Who: with a user or role allowlist, the person must be listed or hold a listed role.
-    Where: with a guild or channel allowlist, the message must be in a listed guild / channel
-    (a thread counts as its parent channel). A DM is outside every guild and channel, so with
-    either of those lists set only people on the user allowlist may use DMs.
-    """
-    listed_user = user_id in access.users
-    if (access.users or access.roles) and not (
-        listed_user or not access.roles.isdisjoint(role_ids)
-    ):
-        return False
-    if place.is_dm:
-        return listed_user or not (access.guilds or access.channels)
-    if access.guilds and place.guild_id not in access.guilds:
-        return False
-    return not access.channels or place.home_channel in access.channels
-
-
-def may_switch_model(
-    access: Access, place: Place, *, is_admin: bool, role_ids: Iterable[int]
-) -> bool:
-    """Whether this person may change the model here (a DM's model is its one user's affair)."""
-    if place.is_dm or is_admin:
-        return True
-    if access.model_admin_only:
-        return False
-    if access.model_role is not None:
-        return access.model_role in set(role_ids)
-    return True
-
-
-def model_switch_refusal(access: Access) -> str:
-    if access.model_role is not None and not access.model_admin_only:
-        return MODEL_SWITCH_ROLE.format(role=access.model_role)
-    return MODEL_SWITCH_ADMINS
 
 
 # --- the Stop button -----------------------------------------------------------------------

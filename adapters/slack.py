@@ -48,7 +48,14 @@ from adapters.slack_edge import (
     read_payload,
     verify,
 )
-from adapters.slack_text import classify, mentioned_user_ids, neutralise, settled, to_model_text
+from adapters.slack_text import (
+    classify,
+    from_bot,
+    mentioned_user_ids,
+    neutralise,
+    settled,
+    to_model_text,
+)
 from bot.app import Parley
 from bot.commands import NAMES as COMMAND_NAMES
 from bot.conversation import CommandReply, stop_token
@@ -469,8 +476,10 @@ class SlackAdapter:
         """app_mention and every message event: decide, build the Turn, hand it to the core."""
         message = SlackMessage.model_validate(event)  # read into it at the edge already
         bot_user_id = context.bot_user_id or ""
-        trigger = classify(message.model_dump(exclude_none=True), bot_user_id=bot_user_id)
-        if trigger is None or message.user is None:
+        seen = message.model_dump(exclude_none=True)
+        trigger = classify(seen, bot_user_id=bot_user_id, bot_id=context.bot_id or "")
+        author = message.user or message.bot_id
+        if trigger is None or author is None:
             return
         team_id = context.team_id or message.team or ""
         channel, ts, thread_ts = message.channel, message.ts, message.thread_ts or ""
@@ -483,7 +492,7 @@ class SlackAdapter:
         if task is not None:
             self._turns.add(task)
         try:
-            raw, user_id = message.text, message.user
+            raw, user_id = message.text, author
             (user_name, is_admin), names = await asyncio.gather(
                 self.names.lookup(user_id), self.names.resolve(raw)
             )
@@ -494,6 +503,8 @@ class SlackAdapter:
                 text=to_model_text(raw, bot_user_id=bot_user_id, names=names),
                 event_id=f"{channel}:{ts}",  # one message = one answer, whichever event brings it
                 is_admin=is_admin,
+                in_dm=trigger == "dm",
+                from_bot=from_bot(seen),
                 only_if_active=trigger == "thread",  # a follow-up: only in Parley's threads
                 attachments=tuple(
                     self._attachment(f) for f in message.files if f.mode != "tombstone"
@@ -583,7 +594,7 @@ class SlackAdapter:
             return
         team_id = context.team_id or (click.team.id if click.team else "")
         key = ConversationKey(PLATFORM, team_id, click.channel_id, "")
-        turn = Turn(key=key, user_id=click.user.id, user_name="", text="", event_id="")
+        turn = await self._command_turn(key, click.user.id)
         reply = await self.conversation.command(turn, "model", choice.value)
         await respond(self._command_message(reply, "model") | {"replace_original": True})
 
@@ -613,6 +624,12 @@ class SlackAdapter:
             await respond(
                 text=neutralise(refusal), response_type="ephemeral", replace_original=False
             )
+
+    async def _command_turn(self, key: ConversationKey, user_id: str) -> Turn:
+        """Who runs a command where (workspace admins may always configure; users.info cached)."""
+        _, is_admin = await self.names.lookup(user_id)
+        in_dm = key.channel.startswith("D")
+        return Turn(key, user_id, "", "", "", is_admin=is_admin, in_dm=in_dm)
 
     def _command_message(self, reply: CommandReply, name: str) -> dict[str, Any]:
         """An ephemeral answer: the text, plus the model menu when models were listed."""

@@ -207,19 +207,20 @@ def settled(text: str) -> str:
         text = kept
 
 
-def classify(event: Mapping[str, object], *, bot_user_id: str) -> Trigger | None:
+def classify(event: Mapping[str, object], *, bot_user_id: str, bot_id: str = "") -> Trigger | None:
     """Why a message event might need an answer, or None when it never does.
 
     "mention": the bot is mentioned (also seen as `app_mention`); "dm": a direct message;
-    "thread": a reply in a thread, answered only if the bot is already part of it. Bots
-    (ourselves included), edits, deletions and other subtypes never trigger anything.
+    "thread": a reply in a thread, answered only if the bot is already part of it. Our own
+    messages, edits, deletions and other subtypes never trigger anything; other bots' messages
+    may (`from_bot`: the core answers them only when the operator allows it).
     """
-    if event.get("subtype") not in (None, "file_share", "thread_broadcast"):
+    if event.get("subtype") not in (None, "file_share", "thread_broadcast", "bot_message"):
         return None
-    if event.get("bot_id") or event.get("bot_profile") or not event.get("user"):
+    if not (event.get("user") or event.get("bot_id")):
         return None
-    if event.get("user") == bot_user_id:
-        return None
+    if event.get("user") == bot_user_id or (bot_id and event.get("bot_id") == bot_id):
+        return None  # our own
     if event.get("channel_type") == "im":
         return "dm"
     text = str(event.get("text") or "")
@@ -229,3 +230,10 @@ def classify(event: Mapping[str, object], *, bot_user_id: str) -> Trigger | None
     if thread_ts and thread_ts != ts:
         return "thread"
     return None
+
+
+def from_bot(event: Mapping[str, object]) -> bool:
+    """Another bot (or an app) wrote this message."""
+    return bool(
+        event.get("bot_id") or event.get("bot_profile") or event.get("subtype") == "bot_message"
+    )

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from bot.access import NOT_ALLOWED
 from bot.attachments import Limits, prepare
 from bot.backends.base import Image, Message
 from bot.commands import CommandReply, Commands, parse_text_command
@@ -21,6 +22,7 @@ from bot.errors import (
     ParleyError,
     StateUnavailable,
     ThreadBusy,
+    TokensSpent,
     UserRateLimited,
     close_matches,
     describe,
@@ -29,8 +31,8 @@ from bot.logs import turn_id
 from bot.markdown import clean_text
 from bot.metrics import Metrics
 from bot.prompt import build_messages
-from bot.ratelimit import EditBudgets, Limiter
-from bot.router import Router
+from bot.ratelimit import EditBudgets, Limiter, TokenBudget
+from bot.router import Generation, Router
 from bot.settings import Settings
 from bot.state import (
     REDIS_DOWN,
@@ -83,7 +85,8 @@ class Conversation:
         self.budgets = budgets  # the platforms' shared edit budgets
         self.router = router
         self.metrics = metrics or Metrics()
-        self.commands = Commands(router=router, state=state, default_model=settings.default_model)
+        self.tokens = TokenBudget(limiter, settings.token_budget) if settings.token_budget else None
+        self.commands = Commands(router=router, state=state, settings=settings, tokens=self.tokens)
         self.attachment_limits = Limits(
             count=settings.max_attachments,
             bytes=settings.max_attachment_bytes,
@@ -109,8 +112,13 @@ class Conversation:
             await _best_effort(sink.notify(SHUTTING_DOWN))
             return Outcome.REFUSED
         try:
+            if turn.from_bot and not self.settings.allow_bots:
+                return Outcome.IGNORED  # two bots must never talk to each other by default
             if turn.only_if_active and not await self._is_active(turn):
                 return Outcome.IGNORED
+            if not self.commands.access(turn.key.platform).may_use(turn.asker):
+                await _best_effort(sink.notify(NOT_ALLOWED))
+                return Outcome.REFUSED
             turn = await self._in_its_conversation(turn)
             command = parse_text_command(turn.text)
             too_long = len(turn.text) > self.settings.max_input_chars
@@ -125,7 +133,7 @@ class Conversation:
                 await sink.notify("Ask me something after the mention — or try `help`.")
                 return Outcome.REFUSED
             return await self._turn(turn, sink)
-        except (UserRateLimited, InputTooLong, ThreadBusy) as e:
+        except (UserRateLimited, TokensSpent, InputTooLong, ThreadBusy) as e:
             if isinstance(e, UserRateLimited):
                 self.metrics.user_rate_limited.labels(turn.key.platform).inc()
             await _best_effort(sink.notify(describe(e)))
@@ -146,8 +154,10 @@ class Conversation:
     async def command(self, turn: Turn, name: str, args: str) -> CommandReply:
         """Run `model`, `reset` or `help`; never raises (a failure is the reply's words)."""
         args = clean_text(args)  # a slash command's option, as it came
+        if not self.commands.access(turn.key.platform).may_use(turn.asker):
+            return CommandReply(NOT_ALLOWED)
         try:
-            return await self.commands.run(name, args, turn.key, may_switch=turn.may_switch_model)
+            return await self.commands.run(name, args, turn)
         except REDIS_DOWN as e:
             log.error("redis unavailable: %s", _reason(e))
             return CommandReply(describe(StateUnavailable()))
@@ -237,15 +247,23 @@ class Conversation:
         asked = _Asked(HistoryEntry("user", turn.text, turn.user_id, turn.user_name))
         renderer = Renderer(sink, budgets=self.budgets, on_post=self._chain_recorder(turn))
         entries: list[HistoryEntry] = []
+        counted: bool | None = None  # a bot turn answered (True) or a person's (False)
         try:
             if not start.fresh:
                 log.info("duplicate event ignored")
                 return Outcome.DUPLICATE
+            if turn.from_bot and start.bot_streak >= self.settings.bot_turns:
+                log.info("a bot's message ignored: %d bot turns in a row here", start.bot_streak)
+                return Outcome.IGNORED
             slot = self.limiter.slot(turn.key.platform, turn.user_id)
-            await self.limiter.admit(turn.key.platform, turn.user_id, slot)
+            await asyncio.gather(
+                self.limiter.admit(turn.key.platform, turn.user_id, slot),
+                self._within_budget(turn),
+            )
             if not start.locked:  # another message of this thread is being answered
                 start = await self.state.wait_for_thread(start)
             result, model = await self._answer(turn, renderer, start, asked)
+            counted = turn.from_bot
             entries = [asked.entry] + (
                 [HistoryEntry("assistant", result.text, model=model)] if result.text.strip() else []
             )
@@ -256,7 +274,7 @@ class Conversation:
             raise
         finally:
             saved = {i: asked.images[i] for e in entries for i in e.images if i in asked.images}
-            await asyncio.shield(self._finish(start, entries, slot, sink, saved))
+            await asyncio.shield(self._finish(start, entries, slot, sink, saved, counted))
 
     def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
         """Where conversations are reply chains: record each message of the reply as it is
@@ -283,10 +301,13 @@ class Conversation:
         slot: InFlightSlot | None,
         sink: ReplySink,
         images: dict[str, Image],
+        from_bot: bool | None,
     ) -> None:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
         try:
-            await self.state.finish_turn(start, entries, slot=slot, images=images)
+            await self.state.finish_turn(
+                start, entries, slot=slot, images=images, from_bot=from_bot
+            )
         except REDIS_DOWN as e:
             log.error(
                 "redis unavailable: the exchange is not saved (the rest lapses): %s", _reason(e)
@@ -324,7 +345,9 @@ class Conversation:
                 await posting
                 result = await self._failed(renderer, e)
             else:
-                result = await self._generate(model, messages, renderer, stop, started, posting)
+                result = await self._generate(
+                    turn, model, messages, renderer, stop, started, posting
+                )
         except asyncio.CancelledError:
             await asyncio.gather(asyncio.shield(posting), return_exceptions=True)
             await asyncio.shield(renderer.finish(Status.STOPPED))
@@ -340,6 +363,26 @@ class Conversation:
                 self._idle.set()
         self._observe(turn, result, started)
         return result, model
+
+    async def _within_budget(self, turn: Turn) -> None:
+        """Raise TokensSpent while the person's token budget is used up."""
+        if self.tokens is not None:
+            await self.tokens.check(turn.key.platform, turn.user_id)
+
+    async def _spend(self, turn: Turn, result: RenderResult, model: str, backend: str) -> None:
+        """Count the tokens the backend reported: the person's budget, and the metric."""
+        done = result.done
+        if done is None:
+            return
+        for kind, count in (("prompt", done.prompt_tokens), ("completion", done.completion_tokens)):
+            self.metrics.tokens.labels(backend, model, kind).inc(count)
+        if self.tokens is not None:
+            try:
+                await self.tokens.spend(
+                    turn.key.platform, turn.user_id, done.prompt_tokens + done.completion_tokens
+                )
+            except REDIS_DOWN as e:
+                log.error("redis unavailable: the reply's tokens are not counted: %s", _reason(e))
 
     async def _read_attachments(
         self, turn: Turn, model: str, start: TurnStart, asked: _Asked, renderer: Renderer
@@ -369,6 +412,7 @@ class Conversation:
 
     async def _generate(
         self,
+        turn: Turn,
         model: str,
         messages: list[Message],
         renderer: Renderer,
@@ -377,15 +421,14 @@ class Conversation:
         posting: asyncio.Task[None],
     ) -> RenderResult:
         """Stream into the renderer until done, failed, or stopped; always finalise."""
-        footer: list[str] = []
+        served: list[Generation] = []
 
         async def pump() -> None:
             generation = await self.router.open(model, messages)
+            served.append(generation)
             self.metrics.first_token.observe(time.monotonic() - started)
             async for chunk in generation:
                 renderer.feed(chunk)
-            if self.settings.show_model_footer:
-                footer.append(f"_— {generation.model} via {generation.backend}_")
 
         work = asyncio.create_task(pump())
         try:
@@ -411,7 +454,13 @@ class Conversation:
         except Exception as e:
             log.exception("the model stream failed unexpectedly")
             return await self._failed(renderer, e)
-        return await renderer.finish(Status.COMPLETE, footer=footer[0] if footer else None)
+        (generation,) = served
+        footer = f"_— {generation.model} via {generation.backend}_"
+        result = await renderer.finish(
+            Status.COMPLETE, footer=footer if self.settings.show_model_footer else None
+        )
+        await self._spend(turn, result, generation.model, generation.backend)
+        return result
 
     async def _failed(self, renderer: Renderer, error: Exception) -> RenderResult:
         log.warning("turn failed: %s: %s", type(error).__name__, error)

@@ -71,6 +71,16 @@ class UserRateLimited(ParleyError):
         self.in_flight = in_flight
 
 
+class TokensSpent(ParleyError):
+    """The person's token budget for the current window is used up."""
+
+    def __init__(self, limit: int, period: str, retry_after: float) -> None:
+        super().__init__(f"token budget of {limit} per {period} spent")
+        self.limit = limit
+        self.period = period
+        self.retry_after = retry_after
+
+
 class InputTooLong(ParleyError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(f"input of {length} chars over limit {limit}")
@@ -105,7 +115,7 @@ class StateUnavailable(ParleyError):
 # --- the table ----------------------------------------------------------------------------
 
 
-def _seconds(value: float) -> str:
+def seconds_in_words(value: float) -> str:
     n = max(1, math.ceil(value))
     if n < 120:
         return f"{n} second{'s' if n != 1 else ''}"
@@ -133,7 +143,9 @@ def describe(error: BaseException) -> str:
                 text += " Did you mean " + ", ".join(f"`{s}`" for s in error.suggestions) + "?"
             return text + " Use `/model` to see the models and switch."
         case BackendUsageLimit():
-            when = f" Try again in {_seconds(error.retry_after)}." if error.retry_after else ""
+            when = (
+                f" Try again in {seconds_in_words(error.retry_after)}." if error.retry_after else ""
+            )
             return f"`{error.backend}` refused: usage limit reached — {error.message}.{when}"
         case BackendUnauthorized():
             return (
@@ -156,9 +168,15 @@ def describe(error: BaseException) -> str:
             if error.in_flight:
                 return (
                     "You already have replies being written. "
-                    f"Try again in {_seconds(error.retry_after)}, once one has finished."
+                    f"Try again in {seconds_in_words(error.retry_after)}, once one has finished."
                 )
-            return f"You're sending requests too fast. Try again in {_seconds(error.retry_after)}."
+            wait = seconds_in_words(error.retry_after)
+            return f"You're sending requests too fast. Try again in {wait}."
+        case TokensSpent():
+            return (
+                f"You've used your {error.limit:,} tokens for this {error.period}. "
+                f"It resets in {seconds_in_words(error.retry_after)}."
+            )
         case InputTooLong():
             return (
                 f"Your message is {error.length:,} characters; the limit is {error.limit:,}. "

@@ -57,5 +57,12 @@ class Metrics:
             "parley_backend_errors", "Backend errors by kind.", ["backend", "kind"], registry=r
         )
 
+        self.tokens = Counter(
+            "parley_tokens",
+            "Tokens the backends reported, by backend, model and kind (prompt, completion).",
+            ["backend", "model", "kind"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import RedisClusterStorage, RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from redis.asyncio.cluster import RedisCluster
 
-from bot.errors import UserRateLimited
+from bot.errors import TokensSpent, UserRateLimited
 from bot.settings import RateLimit
 from bot.state import InFlightSlot, RedisClient
 from bot.turn import EditBudget
@@ -156,6 +156,41 @@ class Limiter:
             yield
         finally:
             await self.redis.zrem(slot.name, slot.member)
+
+
+@dataclass(frozen=True)
+class Usage:
+    used: int
+    limit: int
+    period: str  # "day", "hour", …
+    resets_in: float  # seconds
+
+
+class TokenBudget:
+    """Tokens per person per window, counted from what the backends report, shared by replicas
+    (the `limits` library's fixed window in Redis: a spent budget resets at a known time)."""
+
+    def __init__(self, limiter: Limiter, budget: RateLimit) -> None:
+        self.item = RateLimitItemPerSecond(budget.count, budget.seconds)
+        self.period = budget.text.rsplit(" ", 1)[-1] if budget.text else "period"
+        self.window = FixedWindowRateLimiter(limiter.window.storage)
+
+    async def check(self, platform: str, user_id: str) -> None:
+        """Raise TokensSpent while the person's budget is used up."""
+        if not await self.window.test(self.item, "tokens", platform, user_id):
+            usage = await self.usage(platform, user_id)
+            raise TokensSpent(usage.limit, usage.period, usage.resets_in)
+
+    async def spend(self, platform: str, user_id: str, tokens: int) -> None:
+        """Count a reply's tokens (all of them, even past the budget: the next turn is refused)."""
+        if tokens > 0:
+            await self.window.hit(self.item, "tokens", platform, user_id, cost=tokens)
+
+    async def usage(self, platform: str, user_id: str) -> Usage:
+        stats = await self.window.get_window_stats(self.item, "tokens", platform, user_id)
+        used = self.item.amount - stats.remaining
+        resets_in = max(0.0, stats.reset_time - time.time()) if used else 0.0
+        return Usage(used, self.item.amount, self.period, resets_in)
 
 
 @dataclass(frozen=True)

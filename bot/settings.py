@@ -143,6 +143,10 @@ class Settings(BaseSettings):
         default_factory=lambda: parse_rate("10/minute")
     )
     max_in_flight: int = Field(default=2, ge=1)
+    token_budget: Annotated[RateLimit | None, NoDecode] = None  # tokens per person, e.g. 200000/day
+    max_prompt_chars: int = Field(default=4000, ge=10)  # a channel's system prompt
+    allow_bots: bool = False  # answer other bots' messages (never our own)
+    bot_turns: int = Field(default=3, ge=1)  # then a thread stops answering bots
     max_input_chars: int = Field(default=8000, ge=1)
     turn_timeout: float = Field(default=600.0, gt=0)
     system_prompt: str = (
@@ -178,6 +182,9 @@ class Settings(BaseSettings):
     slack_thread_followups: bool = True
     slack_native_streaming: bool = False
     slack_update_budget: int = Field(default=50, ge=1)  # chat.update calls/min per workspace
+    slack_allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    slack_allowed_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    slack_model_admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- Discord ---
     discord_token: SecretStr | None = None
@@ -206,10 +213,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
         return value
 
-    @field_validator("rate_limit", mode="before")
+    @field_validator("rate_limit", "token_budget", mode="before")
     @classmethod
     def _rate(cls, value: Any) -> Any:
-        return parse_rate(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            return parse_rate(value) if value.strip() else None
+        return value
+
+    @field_validator(
+        "slack_allowed_channels", "slack_allowed_users", "slack_model_admins", mode="before"
+    )
+    @classmethod
+    def _slack_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            ids = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+            if bad := next((v for v in ids if not re.fullmatch(r"[A-Z0-9]{2,30}", v)), None):
+                raise ValueError(f"{bad[:40]!r} is not a Slack id (like C0123ABCD or U0123ABCD)")
+            return ids
+        return value
 
     @field_validator("vision_models", mode="before")
     @classmethod

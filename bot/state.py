@@ -170,6 +170,9 @@ class State:
     def images_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}img:{{{key.tag}}}"
 
+    def bots_key(self, key: ConversationKey) -> str:
+        return f"{self.prefix}bots:{{{key.tag}}}"
+
     def pref_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}pref:{{{key.platform}:{key.space}:{key.channel}}}"
 
@@ -292,6 +295,7 @@ class State:
             pipe.lrange(self.history_key(key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(key))
             pipe.hgetall(self.images_key(key))
+            pipe.get(self.bots_key(key))
             answers = await pipe.execute(raise_on_error=False)
         fresh, locked, claimed = (bool(a) and not isinstance(a, Exception) for a in answers[:3])
         start = TurnStart(key, event_id, owner, expire_ms, token, fresh, locked, claimed)
@@ -301,9 +305,13 @@ class State:
             with contextlib.suppress(*REDIS_DOWN):
                 await self.finish_turn(start)
             raise failed
-        history, prefs, images = answers[3:]
+        history, prefs, images, bots = answers[3:]
         return replace(
-            start, history=_entries(history), prefs=_preferences(prefs), images=_images(images)
+            start,
+            history=_entries(history),
+            prefs=_preferences(prefs),
+            images=_images(images),
+            bot_streak=int(bots or 0),
         )
 
     async def wait_for_thread(
@@ -333,9 +341,11 @@ class State:
         *,
         slot: InFlightSlot | None = None,
         images: Mapping[str, Image] | None = None,
+        from_bot: bool | None = None,
     ) -> None:
         """Finish a turn in one round trip: free the thread, the in-flight `slot` and the Stop
-        owner, and save the exchange (with the `images` its entries name).
+        owner, and save the exchange (with the `images` its entries name); count the thread's
+        run of answered bot turns (`from_bot`: True adds one, False ends the run).
 
         The releases go first in the pipeline, so a failing write after them cannot keep them;
         if Redis cannot be reached, the lock, the slot and the owner lapse by themselves.
@@ -351,6 +361,11 @@ class State:
                 pipe.delete(self._turn_key(start.token))
             if entries:
                 self._queue_append(pipe, start.key, entries)
+            if from_bot:
+                pipe.incr(self.bots_key(start.key))
+                pipe.expire(self.bots_key(start.key), self.history_ttl)
+            elif from_bot is not None and start.bot_streak:
+                pipe.delete(self.bots_key(start.key))
             if images or (entries and start.images):  # the images live as long as the thread
                 values = [
                     part for i, image in (images or {}).items() for part in (i, _image_json(image))
@@ -423,6 +438,7 @@ class TurnStart:
     history: tuple[HistoryEntry, ...] = ()
     prefs: Preferences = Preferences()
     images: Mapping[str, Image] = field(default_factory=dict)  # the thread's, by id
+    bot_streak: int = 0  # bot turns answered in a row in this thread
 
     @property
     def token(self) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
+from bot.access import Asker
 from bot.markdown import EMPTY_ANSWER, PLACEHOLDER, THINKING, clean_text, in_progress
 
 
@@ -57,8 +58,10 @@ class Turn:
     user_name: str  # for multi-person threads: the model sees who said what
     text: str  # bot mention stripped, platform markup normalised
     event_id: str  # for de-duplication across retries and replicas
-    is_admin: bool = False  # may stop anyone's reply
-    may_switch_model: bool = True  # False where the platform's rules restrict `model <name>`
+    is_admin: bool = False  # Discord administrator, Slack workspace admin: may stop any reply
+    roles: frozenset[str] = frozenset()  # Discord role ids, for the access rules
+    in_dm: bool = False
+    from_bot: bool = False  # another bot wrote it (answered only with PARLEY_ALLOW_BOTS)
     only_if_active: bool = False  # answer only in a conversation the bot is already part of
     chain: ReplyChain | None = None
     attachments: tuple[Attachment, ...] = ()
@@ -67,6 +70,12 @@ class Turn:
         # what people write is cleaned once, here, whatever platform it came from
         object.__setattr__(self, "text", clean_text(self.text))
         object.__setattr__(self, "user_name", clean_text(self.user_name))
+
+    @property
+    def asker(self) -> Asker:
+        """Who asks and where, as the access rules read it."""
+        space = "" if self.in_dm else self.key.space
+        return Asker(self.user_id, space, self.key.channel, self.in_dm, self.roles, self.is_admin)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 
 from adapters.discord import DiscordAdapter
-from adapters.discord_logic import CONTENT_WITHHELD, MODEL_SWITCH_ADMINS, NOT_ALLOWED
+from adapters.discord_logic import CONTENT_WITHHELD
+from bot.access import CONFIGURE_ADMINS, NOT_ALLOWED
 from bot.app import Parley
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
@@ -498,7 +499,13 @@ async def test_commands_are_synced_globally_without_guild_ids(
     bot: DiscordAdapter, fake: FakeDiscord
 ) -> None:
     assert [r.path for r in fake.calls("PUT")] == [f"/applications/{fake.application_id}/commands"]
-    assert sorted(c["name"] for c in fake.commands["global"]) == ["help", "model", "reset"]
+    assert sorted(c["name"] for c in fake.commands["global"]) == [
+        "help",
+        "model",
+        "prompt",
+        "reset",
+        "usage",
+    ]
     model = next(c for c in fake.commands["global"] if c["name"] == "model")
     assert model["options"][0]["autocomplete"] is True
 
@@ -512,7 +519,13 @@ async def test_commands_are_synced_per_guild_when_guild_ids_are_configured(
     async with running_discord(settings):
         paths = [r.path for r in fake.calls("PUT")]
     assert paths == [f"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"]
-    assert sorted(c["name"] for c in fake.commands[fake.guild_id]) == ["help", "model", "reset"]
+    assert sorted(c["name"] for c in fake.commands[fake.guild_id]) == [
+        "help",
+        "model",
+        "prompt",
+        "reset",
+        "usage",
+    ]
 
 
 async def test_slash_model_sets_the_channels_model_ephemerally(
@@ -653,9 +666,9 @@ async def test_model_switching_limited_to_administrators(
         allowed = await fake.slash(admin, "model", {"name": "qwen3:8b"})
         [switched] = await fake.wait_for(lambda f: f.interaction_replies(allowed))
 
-    assert refusal == MODEL_SWITCH_ADMINS
-    assert "allowed to choose models" in replies_to(fake, typed["id"])[0]["content"]
-    assert "qwen3:8b" in switched and switched != MODEL_SWITCH_ADMINS
+    assert refusal.startswith(CONFIGURE_ADMINS)
+    assert replies_to(fake, typed["id"])[0]["content"].startswith(CONFIGURE_ADMINS)
+    assert "qwen3:8b" in switched and not switched.startswith(CONFIGURE_ADMINS)
 
 
 async def test_no_request_is_made_in_a_channel_where_the_bot_may_not_reply(

@@ -1,4 +1,4 @@
-"""Discord decisions without I/O: conversation keys, what the model reads, who may do what."""
+"""Discord decisions without I/O: conversation keys, what the model reads, what is readable."""
 
 from __future__ import annotations
 
@@ -13,18 +13,13 @@ from hypothesis import strategies as st
 
 from adapters.discord_logic import (
     MAX_CONTENT_CHARS,
-    MODEL_SWITCH_ADMINS,
     OPTION_CHARS,
-    Access,
     Place,
     content_withheld,
     conversation_key,
     interaction_problem,
     is_snowflake,
-    may_switch_model,
-    may_use,
     message_problem,
-    model_switch_refusal,
     payload_id,
     rank_models,
     stop_custom_id,
@@ -382,62 +377,6 @@ def test_a_message_with_nothing_readable_was_withheld() -> None:
     assert content_withheld("", attachments=0, embeds=0, stickers=0, has_poll=False)
     assert not content_withheld("hi", attachments=0, embeds=0, stickers=0, has_poll=False)
     assert not content_withheld("", attachments=1, embeds=0, stickers=0, has_poll=False)
-
-
-# --- who may do what ------------------------------------------------------------------------
-
-
-def test_without_allowlists_everyone_may_use_the_bot_everywhere() -> None:
-    for place in (IN_CHANNEL, IN_THREAD, IN_DM):
-        assert may_use(Access(), place, user_id=7, role_ids=[])
-
-
-def test_user_and_role_allowlists_admit_listed_people_or_role_holders() -> None:
-    access = Access(users=frozenset({7}), roles=frozenset({70}))
-    assert may_use(access, IN_CHANNEL, user_id=7, role_ids=[])
-    assert may_use(access, IN_CHANNEL, user_id=8, role_ids=[70])
-    assert not may_use(access, IN_CHANNEL, user_id=8, role_ids=[71])
-
-
-def test_channel_allowlist_covers_threads_of_listed_channels() -> None:
-    access = Access(channels=frozenset({CHANNEL}))
-    assert may_use(access, IN_THREAD, user_id=7, role_ids=[])
-    assert not may_use(access, Place(GUILD, 11), user_id=7, role_ids=[])
-
-
-def test_guild_allowlist_excludes_other_guilds() -> None:
-    access = Access(guilds=frozenset({GUILD}))
-    assert may_use(access, IN_CHANNEL, user_id=7, role_ids=[])
-    assert not may_use(access, Place(2, CHANNEL), user_id=7, role_ids=[])
-
-
-def test_dms_with_where_allowlists_are_for_listed_users_only() -> None:
-    assert not may_use(Access(guilds=frozenset({GUILD})), IN_DM, user_id=7, role_ids=[])
-    listed = Access(guilds=frozenset({GUILD}), users=frozenset({7}))
-    assert may_use(listed, IN_DM, user_id=7, role_ids=[])
-
-
-def test_model_switching_is_open_unless_restricted() -> None:
-    assert may_switch_model(Access(), IN_CHANNEL, is_admin=False, role_ids=[])
-
-
-def test_admin_only_model_switching() -> None:
-    access = Access(model_admin_only=True, model_role=70)
-    assert may_switch_model(access, IN_CHANNEL, is_admin=True, role_ids=[])
-    assert not may_switch_model(access, IN_CHANNEL, is_admin=False, role_ids=[70])
-    assert model_switch_refusal(access) == MODEL_SWITCH_ADMINS
-
-
-def test_model_role_or_administrators_may_switch() -> None:
-    access = Access(model_role=70)
-    assert may_switch_model(access, IN_THREAD, is_admin=False, role_ids=[70])
-    assert may_switch_model(access, IN_THREAD, is_admin=True, role_ids=[])
-    assert not may_switch_model(access, IN_THREAD, is_admin=False, role_ids=[71])
-    assert "<@&70>" in model_switch_refusal(access)
-
-
-def test_a_dms_model_is_its_users_own_choice() -> None:
-    assert may_switch_model(Access(model_admin_only=True), IN_DM, is_admin=False, role_ids=[])
 
 
 # --- the Stop button ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from adapters.slack_text import (
     JOINER,
     classify,
+    from_bot,
     mentioned_user_ids,
     neutralise,
     settled,
@@ -278,10 +279,10 @@ def test_top_level_channel_chatter_is_not() -> None:
     assert classify(message(thread_ts="2.0"), bot_user_id=BOT) is None  # a thread's parent
 
 
-def test_bots_ourselves_and_edits_never_trigger() -> None:
-    assert classify(message(bot_id="B0OTHER", text=f"<@{BOT}>"), bot_user_id=BOT) is None
+def test_ourselves_and_edits_never_trigger() -> None:
     assert classify(message(user=BOT, channel_type="im"), bot_user_id=BOT) is None
-    assert classify(message(subtype="bot_message", channel_type="im"), bot_user_id=BOT) is None
+    ours = message(user="", bot_id="B0PARLEY", subtype="bot_message", channel_type="im")
+    assert classify(ours, bot_user_id=BOT, bot_id="B0PARLEY") is None
     changed = message(
         subtype="message_changed",
         channel_type="im",
@@ -289,3 +290,11 @@ def test_bots_ourselves_and_edits_never_trigger() -> None:
     )
     assert classify(changed, bot_user_id=BOT) is None
     assert classify(message(subtype="message_deleted", thread_ts="1.0"), bot_user_id=BOT) is None
+
+
+def test_other_bots_may_trigger_and_say_so_for_the_core_to_decide() -> None:
+    other = message(bot_id="B0OTHER", text=f"<@{BOT}> hi")
+    assert classify(other, bot_user_id=BOT) == "mention" and from_bot(other)
+    legacy = message(user="", bot_id="B0OTHER", subtype="bot_message", channel_type="im")
+    assert classify(legacy, bot_user_id=BOT) == "dm" and from_bot(legacy)
+    assert not from_bot(message(text="a person"))
