@@ -302,3 +302,81 @@ async def test_redis_lost_while_a_reply_streams_the_reply_ends_and_says_it_is_no
     finally:
         await parley.aclose()
     assert redis_errors_told(caplog.records) == 2  # the edit budget, then saving: no traceback
+
+
+# --- channel and user controls --------------------------------------------------------------
+
+
+async def test_a_channels_prompt_is_set_shown_and_reset_and_reaches_the_model(
+    parley: Parley, model_server: FakeModelServer
+) -> None:
+    said = RecordingSink()
+    await parley.conversation.handle(turn("prompt You are a pirate.\nAnswer in rhymes."), said)
+    assert said.messages == [
+        "This channel's prompt is now:\n\n> You are a pirate.\n> Answer in rhymes."
+    ]
+    await parley.conversation.handle(turn("ahoy"), RecordingSink())
+    system = model_server.chat_requests[-1]["messages"][0]
+    assert system == {"role": "system", "content": "You are a pirate.\nAnswer in rhymes."}
+    shown = RecordingSink()
+    await parley.conversation.handle(turn("prompt"), shown)
+    assert "> You are a pirate." in shown.messages[0]
+    await parley.conversation.handle(turn("prompt default"), RecordingSink())
+    await parley.conversation.handle(turn("hello"), RecordingSink())
+    assert model_server.chat_requests[-1]["messages"][0]["content"] == "Be brief."
+    long = RecordingSink()
+    await parley.conversation.handle(turn("prompt " + "x" * 5000), long)
+    assert "the limit is 4,000" in long.messages[0]
+
+
+async def test_a_person_over_their_token_budget_is_refused_until_it_resets(
+    redis_url: str, model_server: FakeModelServer
+) -> None:
+    app = await Parley.open(make_settings(redis_url, model_server, token_budget="10/day"))
+    try:
+        first = RecordingSink()
+        assert await app.conversation.handle(turn("tell me a story"), first) is Outcome.COMPLETE
+        over = RecordingSink()
+        assert await app.conversation.handle(turn("and another"), over) is Outcome.REFUSED
+        usage = await app.conversation.command(turn(""), "usage", "")
+        other = RecordingSink()
+        asked_by_bob = turn("hello", user="U2", name="bob")
+        assert await app.conversation.handle(asked_by_bob, other) is Outcome.COMPLETE
+        metrics = app.metrics.render().decode()
+    finally:
+        await app.aclose()
+    done = model_server.chat_requests  # two requests: ada's first, then bob's
+    assert len(done) == 2
+    assert over.notices[0].startswith("You've used your 10 tokens for this day. It resets in")
+    assert usage.text.startswith("You've used ") and "of your 10 tokens for this day" in usage.text
+    assert 'parley_tokens_total{backend="local",kind="completion",model="llama3.2:latest"}' in (
+        metrics
+    )
+
+
+async def test_other_bots_are_ignored_unless_allowed_and_then_only_a_few_turns_in_a_row(
+    redis_url: str, model_server: FakeModelServer
+) -> None:
+    def from_a_bot(text: str) -> Turn:
+        return Turn(KEY, "B0OTHER", "otherbot", text, uuid.uuid4().hex, from_bot=True)
+
+    ignoring = await Parley.open(make_settings(redis_url, model_server))
+    try:
+        assert await ignoring.conversation.handle(from_a_bot("hi"), RecordingSink()) is (
+            Outcome.IGNORED
+        )
+    finally:
+        await ignoring.aclose()
+    app = await Parley.open(make_settings(redis_url, model_server, allow_bots=True, bot_turns=2))
+    try:
+        outcomes = [
+            await app.conversation.handle(from_a_bot(f"bot {n}"), RecordingSink()) for n in range(3)
+        ]
+        assert outcomes == [Outcome.COMPLETE, Outcome.COMPLETE, Outcome.IGNORED]
+        # a person in the thread ends the run: the bot is answered again
+        await app.conversation.handle(turn("a person here"), RecordingSink())
+        again = await app.conversation.handle(from_a_bot("bot 3"), RecordingSink())
+    finally:
+        await app.aclose()
+    assert again is Outcome.COMPLETE
+    assert len(model_server.chat_requests) == 4

@@ -817,3 +817,45 @@ async def test_files_on_a_mention_reach_the_model_and_a_refused_download_is_said
         "scope (add it and reinstall the app)."
     )
     assert slack.file_downloads == [f"Bearer {BOT_TOKEN}"] * 3  # the bot token, each time
+
+
+# --- who may use Parley ---------------------------------------------------------------------
+
+
+async def test_a_person_not_on_the_allowlist_gets_a_private_no_and_no_model_request(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    allowlists = {"slack_allowed_users": "U0BOB", "slack_model_admins": "U0BOB"}
+    async with slack_bot(slack, model_server, redis_url, "socket", **allowlists) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> hello", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: bool(slack.calls_to("chat.postEphemeral")))
+        bobs = slack.user_message(f"<@{BOT_USER_ID}> hi", user="U0BOB", event_type="app_mention")
+        await send_event(slack, bot, bobs)
+        await reply_in_thread(slack, bobs["ts"], "You said: hi")
+        refused = await send_command(slack, bot, "/parley", "prompt Talk like a pirate.")
+
+    (notice,) = slack.calls_to("chat.postEphemeral")
+    assert notice.params["user"] == "U0ALICE"
+    assert notice.params["markdown_text"] == "Parley isn't enabled for you here."
+    assert slack.thread(CHANNEL, mention["ts"]) == []
+    assert len(model_server.chat_requests) == 1  # Bob's
+    assert refused["text"].startswith("Parley isn't enabled for you here.")
+
+
+async def test_only_the_named_people_and_workspace_admins_change_a_channels_prompt(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    async with slack_bot(
+        slack, model_server, redis_url, "socket", slack_model_admins="U0BOB"
+    ) as bot:
+        refused = await send_command(slack, bot, "/parley", "prompt Talk like a pirate.")
+        bobs = slack.command_payload("/parley", "prompt Talk like a pirate.", user="U0BOB")
+        allowed = await slack.acked(await slack.send_envelope("slash_commands", bobs))
+        mention = slack.user_message(f"<@{BOT_USER_ID}> ahoy", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], "You said: ahoy")
+
+    assert refused["text"].startswith("Only workspace admins and the people Parley")
+    assert "Talk like a pirate." in allowed["text"]
+    assert model_server.chat_requests[-1]["messages"][0]["content"] == "Talk like a pirate."
