@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -19,6 +20,7 @@ from bot.errors import (
     InputTooLong,
     ModelNotFound,
     NoModelAvailable,
+    NotRegenerable,
     ParleyError,
     StateUnavailable,
     ThreadBusy,
@@ -44,7 +46,7 @@ from bot.state import (
     turn_token,
 )
 from bot.streaming import Renderer, RenderResult, Status, wait_first
-from bot.turn import MessageRef, ReplySink, Turn, message
+from bot.turn import MessageRef, ReplyChain, ReplySink, Turn, message
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ class Conversation:
                 await _best_effort(sink.notify(NOT_ALLOWED))
                 return Outcome.REFUSED
             turn = await self._in_its_conversation(turn)
+            if turn.regenerates:
+                return await self._turn(turn, sink)
             command = parse_text_command(turn.text)
             too_long = len(turn.text) > self.settings.max_input_chars
             if command is not None or too_long or not turn.text.strip():
@@ -133,7 +137,7 @@ class Conversation:
                 await sink.notify("Ask me something after the mention — or try `help`.")
                 return Outcome.REFUSED
             return await self._turn(turn, sink)
-        except (UserRateLimited, TokensSpent, InputTooLong, ThreadBusy) as e:
+        except (UserRateLimited, TokensSpent, InputTooLong, ThreadBusy, NotRegenerable) as e:
             if isinstance(e, UserRateLimited):
                 self.metrics.user_rate_limited.labels(turn.key.platform).inc()
             await _best_effort(sink.notify(describe(e)))
@@ -186,6 +190,59 @@ class Conversation:
         except REDIS_DOWN as e:
             log.error("could not stop a reply: redis unavailable: %s", _reason(e))
             return describe(StateUnavailable())
+        return None
+
+    async def regenerate(
+        self,
+        token: str,
+        asker: Turn,
+        sink: ReplySink,
+        *,
+        chain: ReplyChain | None = None,
+    ) -> Outcome:
+        """Regenerate was pressed on a finished reply (on any replica): answer its thread's last
+        question again, in place of that reply, with every limit applying to `asker` (a Turn
+        naming who pressed it; its key and text are not used). `chain`: where conversations are
+        reply chains, the pressed message's."""
+        try:
+            found = await self.state.reply(token)
+        except REDIS_DOWN as e:
+            log.error("redis unavailable: %s", _reason(e))
+            await _best_effort(sink.notify(describe(StateUnavailable())))
+            return Outcome.ERROR
+        if found is None:
+            await _best_effort(sink.notify("That answer is too old to regenerate."))
+            return Outcome.REFUSED
+        key, _ = found
+        turn = replace(
+            asker,
+            key=key,
+            text="",
+            event_id=f"regen-{uuid.uuid4().hex}",
+            regenerates=token,
+            chain=chain,
+            attachments=(),
+        )
+        return await self.handle(turn, sink)
+
+    async def feedback(self, token: str, *, user_id: str, vote: str) -> str | None:
+        """👍 or 👎 on a finished reply: one vote per person (the last click counts), counted in
+        the metrics by model and logged with the reply's turn id. None, or why not in words."""
+        turn_id.set(token[-12:])
+        try:
+            found = await self.state.reply(token)
+            if found is None:
+                return "That answer is too old for feedback."
+            before = await self.state.vote(token, user_id, vote)
+        except REDIS_DOWN as e:
+            log.error("redis unavailable: %s", _reason(e))
+            return describe(StateUnavailable())
+        model = found[1]
+        if before != vote:
+            self.metrics.feedback.labels(model, vote).inc()
+            if before is not None:
+                self.metrics.feedback_retracted.labels(model, before).inc()
+        log.info("feedback: %s on a reply of %s (by %s)", vote, model, user_id)
         return None
 
     async def listen_for_stops(self) -> None:
@@ -246,8 +303,11 @@ class Conversation:
         slot: InFlightSlot | None = None
         asked = _Asked(HistoryEntry("user", turn.text, turn.user_id, turn.user_name))
         renderer = Renderer(sink, budgets=self.budgets, on_post=self._chain_recorder(turn))
+        renderer.controls = True  # its last message carries Regenerate, 👍 and 👎
         entries: list[HistoryEntry] = []
         counted: bool | None = None  # a bot turn answered (True) or a person's (False)
+        replacing = 0  # history entries the exchange replaces (a regenerated answer)
+        model = ""
         try:
             if not start.fresh:
                 log.info("duplicate event ignored")
@@ -262,11 +322,13 @@ class Conversation:
             )
             if not start.locked:  # another message of this thread is being answered
                 start = await self.state.wait_for_thread(start)
+            if turn.regenerates:  # the same question again, in place of the answer it had
+                asked.entry = _regenerable(start, turn.regenerates)
+                start, replacing = replace(start, history=start.history[:-2]), 2
             result, model = await self._answer(turn, renderer, start, asked)
             counted = turn.from_bot
-            entries = [asked.entry] + (
-                [HistoryEntry("assistant", result.text, model=model)] if result.text.strip() else []
-            )
+            answer = HistoryEntry("assistant", result.text, model=model, reply=start.token)
+            entries = [asked.entry] + ([answer] if result.text.strip() else [])
             return Outcome(result.status.value)
         except asyncio.CancelledError:
             if renderer.text.strip():  # stopped by shutdown: keep what was said
@@ -274,7 +336,8 @@ class Conversation:
             raise
         finally:
             saved = {i: asked.images[i] for e in entries for i in e.images if i in asked.images}
-            await asyncio.shield(self._finish(start, entries, slot, sink, saved, counted))
+            done = _Done(entries, slot, saved, counted, replacing if entries else 0, model)
+            await asyncio.shield(self._finish(start, done, sink))
 
     def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
         """Where conversations are reply chains: record each message of the reply as it is
@@ -294,19 +357,18 @@ class Conversation:
 
         return record
 
-    async def _finish(
-        self,
-        start: TurnStart,
-        entries: list[HistoryEntry],
-        slot: InFlightSlot | None,
-        sink: ReplySink,
-        images: dict[str, Image],
-        from_bot: bool | None,
-    ) -> None:
+    async def _finish(self, start: TurnStart, done: _Done, sink: ReplySink) -> None:
         """Save the exchange, free the thread, the slot and the Stop token: one round trip."""
+        entries = done.entries
         try:
             await self.state.finish_turn(
-                start, entries, slot=slot, images=images, from_bot=from_bot
+                start,
+                entries,
+                slot=done.slot,
+                images=done.images,
+                from_bot=done.from_bot,
+                replacing=done.replacing,
+                model=done.model,
             )
         except REDIS_DOWN as e:
             log.error(
@@ -393,8 +455,9 @@ class Conversation:
         prepared = await prepare(turn.attachments, self.attachment_limits)
         renderer.notes.extend(f"📎 {note}" for note in prepared.notes)
         new = {image_id(): image for image in prepared.images}
-        asked.images = new
-        asked.entry = replace(asked.entry, content=prepared.text(turn.text), images=tuple(new))
+        if turn.attachments:  # (a regenerated question keeps what it was asked with)
+            asked.images = new
+            asked.entry = replace(asked.entry, content=prepared.text(turn.text), images=tuple(new))
         # the thread's newest images, as many as it keeps (ids sort by time)
         images = dict(sorted({**start.images, **new}.items())[-self.settings.thread_images :])
         shown = {i for e in [*start.history, asked.entry] for i in e.images if i in images}
@@ -500,6 +563,26 @@ class Conversation:
             return await self.router.model_names()
         except Exception:
             return []
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What finishing a turn saves and gives back."""
+
+    entries: list[HistoryEntry]
+    slot: InFlightSlot | None
+    images: dict[str, Image]
+    from_bot: bool | None
+    replacing: int
+    model: str
+
+
+def _regenerable(start: TurnStart, token: str) -> HistoryEntry:
+    """The question of the thread's newest answer, if `token` names that answer."""
+    tail = start.history[-2:]
+    if len(tail) == 2 and tail[0].role == "user" and tail[1].reply == token:
+        return tail[0]
+    raise NotRegenerable()
 
 
 @dataclass

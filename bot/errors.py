@@ -104,6 +104,10 @@ class AttachmentUnavailable(ParleyError):
         self.reason = reason
 
 
+class NotRegenerable(ParleyError):
+    """Regenerate was pressed on an answer that is no longer the thread's newest."""
+
+
 class StateUnavailable(ParleyError):
     """Redis could not be reached (`after_reply`: only when saving a reply already shown)."""
 
@@ -186,6 +190,8 @@ def describe(error: BaseException) -> str:
             return "No model is available: no backend lists any model. Ask an operator."
         case ThreadBusy():
             return "I'm still answering an earlier message here. Try again when it's done."
+        case NotRegenerable():
+            return "Only the newest answer in a thread can be regenerated."
         case StateUnavailable() if error.after_reply:
             return (
                 "Parley's memory store (Redis) is unavailable right now, "

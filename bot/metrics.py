@@ -64,5 +64,18 @@ class Metrics:
             registry=r,
         )
 
+        self.feedback = Counter(
+            "parley_feedback",
+            "Votes on replies (one per person and reply; a changed vote counts anew).",
+            ["model", "vote"],
+            registry=r,
+        )
+        self.feedback_retracted = Counter(
+            "parley_feedback_retracted",
+            "Votes changed away from (feedback minus this is the votes standing).",
+            ["model", "vote"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

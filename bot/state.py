@@ -40,9 +40,13 @@ end
 return 0
 """
 
-# Append to a thread's history, keep its newest ARGV[1] entries and refresh its TTL, atomically.
+# Append to a thread's history (after dropping its last ARGV[3] entries: a regenerated exchange
+# replaces the one before), keep its newest ARGV[1] entries and refresh its TTL, atomically.
 APPEND_HISTORY = """
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+if tonumber(ARGV[3]) > 0 then
+  redis.call('LTRIM', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
@@ -98,6 +102,7 @@ class HistoryEntry:
     user_name: str = ""
     model: str = ""  # for assistant entries: who answered
     images: tuple[str, ...] = ()  # ids of the thread's stored images this message carried
+    reply: str = ""  # assistant entries: the reply's token (its Regenerate and feedback buttons)
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -113,6 +118,8 @@ class HistoryEntry:
             data["model"] = self.model
         if self.images:
             data["images"] = list(self.images)
+        if self.reply:
+            data["reply"] = self.reply
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -126,6 +133,7 @@ class HistoryEntry:
                 user_name=str(data.get("user_name", "")),
                 model=str(data.get("model", "")),
                 images=tuple(str(i) for i in data.get("images") or ()),
+                reply=str(data.get("reply", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None  # a corrupt entry is skipped, never fatal
@@ -189,7 +197,11 @@ class State:
             await pipe.execute()
 
     def _queue_append(
-        self, pipe: AnyPipeline, key: ConversationKey, entries: Sequence[HistoryEntry]
+        self,
+        pipe: AnyPipeline,
+        key: ConversationKey,
+        entries: Sequence[HistoryEntry],
+        replacing: int = 0,
     ) -> None:
         pipe.execute_command(
             "EVAL",
@@ -198,6 +210,7 @@ class State:
             self.history_key(key),
             self.history_max,
             self.history_ttl,
+            replacing,
             # bytes: text that UTF-8 cannot encode (a lone surrogate) must not fail the write
             *(e.to_json().encode("utf-8", "replace") for e in entries),
         )
@@ -342,10 +355,14 @@ class State:
         slot: InFlightSlot | None = None,
         images: Mapping[str, Image] | None = None,
         from_bot: bool | None = None,
+        replacing: int = 0,
+        model: str = "",
     ) -> None:
         """Finish a turn in one round trip: free the thread, the in-flight `slot` and the Stop
-        owner, and save the exchange (with the `images` its entries name); count the thread's
-        run of answered bot turns (`from_bot`: True adds one, False ends the run).
+        owner, and save the exchange (with the `images` its entries name) — in place of the last
+        `replacing` entries (a regenerated answer); count the thread's run of answered bot turns
+        (`from_bot`: True adds one, False ends the run); remember the reply's thread and `model`
+        for its buttons.
 
         The releases go first in the pipeline, so a failing write after them cannot keep them;
         if Redis cannot be reached, the lock, the slot and the owner lapse by themselves.
@@ -360,7 +377,11 @@ class State:
             if start.claimed:
                 pipe.delete(self._turn_key(start.token))
             if entries:
-                self._queue_append(pipe, start.key, entries)
+                self._queue_append(pipe, start.key, entries, replacing)
+            if reply := next((e.reply for e in entries if e.reply), ""):
+                where = [start.key.platform, start.key.space, start.key.channel, start.key.thread]
+                record = json.dumps({"key": where, "model": model})
+                pipe.set(self._reply_key(reply), record, ex=self.history_ttl)
             if from_bot:
                 pipe.incr(self.bots_key(start.key))
                 pipe.expire(self.bots_key(start.key), self.history_ttl)
@@ -382,6 +403,32 @@ class State:
                 )
             if len(pipe):
                 await pipe.execute()
+
+    # --- finished replies: their buttons (Regenerate, 👍, 👎) ---
+    def _reply_key(self, token: str) -> str:
+        return f"{self.prefix}reply:{{{token}}}"
+
+    async def reply(self, token: str) -> tuple[ConversationKey, str] | None:
+        """The thread a finished reply is in, and the model that wrote it."""
+        raw = await self.redis.get(self._reply_key(token))
+        if raw is None:
+            return None
+        try:
+            data: Any = json.loads(_text(raw))
+            platform, space, channel, thread = (str(part) for part in data["key"])
+            return ConversationKey(platform, space, channel, thread), str(data["model"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def vote(self, token: str, user_id: str, vote: str) -> str | None:
+        """Record a person's vote on a reply (the last counts); their earlier vote, if any."""
+        votes = f"{self.prefix}votes:{{{token}}}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(votes, user_id)
+            pipe.hset(votes, user_id, vote)
+            pipe.expire(votes, self.history_ttl)
+            before, _, _ = await pipe.execute()
+        return None if before is None else _text(before)
 
     # --- reply chains (where a conversation is a chain of replies: Discord channels) ---
     def _root_key(self, key: ConversationKey, message_id: str) -> str:

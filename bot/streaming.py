@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from bot.backends.base import Chunk, Content, Done, Thinking
@@ -62,6 +62,7 @@ class Renderer:
     on_post: Callable[[MessageRef], Awaitable[None]] | None = None  # after each message posted
     reply_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the budgets' count
     notes: list[str] = field(default_factory=list)  # lines the reply ends with, whatever its end
+    controls: bool = False  # the reply's final message carries Regenerate, 👍 and 👎
     text: str = ""  # all content so far
     thinking: str = ""
     done: Done | None = None
@@ -133,18 +134,18 @@ class Renderer:
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        closing = "\n".join(self.notes)
         if status is Status.STOPPED:
-            ending = notice if notice else STOPPED
+            last = notice if notice else STOPPED
         elif notice:
-            ending = f"⚠️ {notice}"
+            last = f"⚠️ {notice}"
         else:
-            ending = footer or ""
-        closing = "\n".join(part for part in (closing, ending) if part)
+            last = footer or ""
+        closing = "\n".join(part for part in ("\n".join(self.notes), last) if part)
         body = self._body.rstrip()
         if not self.text.strip() and status is Status.COMPLETE:
             body = EMPTY_ANSWER
-        await self._flush(body, ending=Frame(Phase(status.value), notice=closing))
+        ending = Frame(Phase(status.value), notice=closing, controls=self.controls)
+        await self._flush(body, ending=ending)
         await self._leave_budgets()
         return RenderResult(
             status=status,
@@ -202,11 +203,7 @@ class Renderer:
                 body = rest
             else:  # chunks fed while this page was finished and the next posted follow rest
                 self._body = body = rest + self._body[len(body) :]
-        frame = (
-            Frame(Phase.STREAMING, body)
-            if ending is None
-            else Frame(ending.phase, body, ending.notice)
-        )
+        frame = Frame(Phase.STREAMING, body) if ending is None else replace(ending, body=body)
         await self._show(self._pages[-1], frame)
 
     async def _show(self, page: _Page, frame: Frame) -> None:

@@ -62,6 +62,7 @@ class Turn:
     roles: frozenset[str] = frozenset()  # Discord role ids, for the access rules
     in_dm: bool = False
     from_bot: bool = False  # another bot wrote it (answered only with PARLEY_ALLOW_BOTS)
+    regenerates: str = ""  # the token of the reply to answer again (Regenerate was pressed)
     only_if_active: bool = False  # answer only in a conversation the bot is already part of
     chain: ReplyChain | None = None
     attachments: tuple[Attachment, ...] = ()
@@ -119,6 +120,7 @@ class Frame:
     phase: Phase
     body: str = ""  # the message's Markdown: the model's text (on this page)
     notice: str = ""  # final frames: a closing line (what went wrong, stopped, a footer)
+    controls: bool = False  # the reply's last message, final: it carries Regenerate, 👍 and 👎
 
     @property
     def final(self) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.app import Parley
-from bot.conversation import Outcome
+from bot.conversation import Outcome, stop_token
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
 from bot.turn import ConversationKey, EditBudget, Turn
@@ -380,3 +380,48 @@ async def test_other_bots_are_ignored_unless_allowed_and_then_only_a_few_turns_i
         await app.aclose()
     assert again is Outcome.COMPLETE
     assert len(model_server.chat_requests) == 4
+
+
+async def test_regenerate_answers_the_last_question_again_in_place_of_its_answer(
+    parley: Parley, model_server: FakeModelServer, redis_client: aioredis.Redis
+) -> None:
+    first, second = turn("what is Redis?"), turn("and Valkey?")
+    sink = RecordingSink()
+    await parley.conversation.handle(first, sink)
+    await parley.conversation.handle(second, RecordingSink())
+    assert sink.calls[-1].frame is not None and sink.calls[-1].frame.controls  # the buttons
+
+    older = RecordingSink()
+    refused = await parley.conversation.regenerate(stop_token(first), turn(""), older)
+    assert refused is Outcome.REFUSED
+    assert older.notices == ["Only the newest answer in a thread can be regenerated."]
+
+    again = RecordingSink()
+    outcome = await parley.conversation.regenerate(stop_token(second), turn(""), again)
+    assert outcome is Outcome.COMPLETE and again.messages == ["You said: and Valkey?"]
+    asked = model_server.chat_requests[-1]["messages"]
+    assert [m["content"] for m in asked[1:]] == [
+        "what is Redis?",
+        "You said: what is Redis?",
+        "and Valkey?",
+    ]
+    stored = await redis_client.lrange(f"parley:hist:{{{KEY.tag}}}", 0, -1)
+    assert len(stored) == 4  # replaced, not appended
+
+
+async def test_feedback_is_one_vote_per_person_and_reply_counted_by_model(
+    parley: Parley,
+) -> None:
+    asked = turn("rate me")
+    await parley.conversation.handle(asked, RecordingSink())
+    token = stop_token(asked)
+    for user, vote in (("U1", "up"), ("U1", "down"), ("U2", "up"), ("U2", "up")):
+        assert await parley.conversation.feedback(token, user_id=user, vote=vote) is None
+    assert await parley.conversation.feedback("slack:gone", user_id="U1", vote="up") == (
+        "That answer is too old for feedback."
+    )
+    metrics = parley.metrics.render().decode()
+    model = 'model="llama3.2:latest"'
+    assert f'parley_feedback_total{{{model},vote="up"}} 2.0' in metrics
+    assert f'parley_feedback_total{{{model},vote="down"}} 1.0' in metrics
+    assert f'parley_feedback_retracted_total{{{model},vote="up"}} 1.0' in metrics
