@@ -147,9 +147,10 @@ async def test_threads_are_answered_and_remembered_across_the_cluster(
     # the threads' histories really are spread over the three nodes
     placed = keys_per_node(cluster_nodes)
     assert all(any(k.startswith("parley:hist:") for k in keys) for keys in placed), placed
-    # nothing of a finished turn is left behind but its history and its de-dup mark
+    # nothing of a finished turn is left behind but its history, its de-dup mark and the
+    # record its buttons (Regenerate, feedback) read
     leftovers = [
-        k for keys in placed for k in keys if k.split(":")[1] not in ("hist", "seen", "rl")
+        k for keys in placed for k in keys if k.split(":")[1] not in ("hist", "seen", "rl", "reply")
     ]
     assert leftovers == []
 
