@@ -12,6 +12,7 @@ retried blindly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,12 +26,15 @@ from discord import app_commands
 from adapters.discord_logic import (
     CHOICE_CHARS,
     CONTENT_WITHHELD,
+    CONTROL_LABELS,
     MAX_CHARS,
     OPTION_CHARS,
     PLATFORM,
     STOP_LABEL,
     Place,
     content_withheld,
+    control_custom_id,
+    control_of,
     conversation_key,
     interaction_problem,
     message_problem,
@@ -207,6 +211,25 @@ class StopButton(discord.ui.View):
         return False
 
 
+class ReplyControls(discord.ui.View):
+    """A finished reply's buttons — Regenerate, 👍, 👎 — answered, like the Stop button, from
+    the custom_id alone on whichever replica gets the press (never kept in the view store)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(timeout=None)
+        for kind, label in CONTROL_LABELS.items():
+            self.add_item(
+                discord.ui.Button[discord.ui.View](
+                    label=label,
+                    style=discord.ButtonStyle.secondary,
+                    custom_id=control_custom_id(kind, token),
+                )
+            )
+
+    def is_dispatchable(self) -> bool:
+        return False
+
+
 async def _send(
     channel: Channel,
     text: str,
@@ -240,7 +263,7 @@ class DiscordSink:
     async def post(self, frame: Frame) -> MessageRef:
         """Post a page; while it is being written (a frame not final) it carries the Stop
         button, which its final edit takes off."""
-        view = StopButton(self.stop_token) if not frame.final and self.stop_token else None
+        view = self._buttons(frame)
         # later pages reply to the page before, so the reply reads as one chain
         try:
             sent = await _send(
@@ -256,12 +279,24 @@ class DiscordSink:
     async def edit(self, ref: MessageRef, frame: Frame) -> None:
         message = self.channel.get_partial_message(int(ref.id))
         try:
-            if frame.final:  # the page is done: take the Stop button off (`components: []`)
-                await message.edit(content=frame.text, allowed_mentions=NO_PINGS, view=None)
+            if (
+                frame.final
+            ):  # the page is done: Stop goes (`components: []`), the reply's buttons come
+                await message.edit(
+                    content=frame.text, allowed_mentions=NO_PINGS, view=self._buttons(frame)
+                )
             else:  # leaves the components as they are
                 await message.edit(content=frame.text, allowed_mentions=NO_PINGS)
         except discord.RateLimited as e:
             raise PlatformRateLimited(e.retry_after) from e
+
+    def _buttons(self, frame: Frame) -> discord.ui.View | None:
+        """Stop while a page is written; a finished reply's buttons on its last page."""
+        if not self.stop_token:
+            return None
+        if not frame.final:
+            return StopButton(self.stop_token)
+        return ReplyControls(self.stop_token) if frame.controls else None
 
     async def notify(self, text: str) -> None:
         # Discord has no ephemeral reply to a message: answer the asker, pinging nobody
@@ -483,9 +518,12 @@ class DiscordAdapter:
                 return
             data: Mapping[str, object] = interaction.data or {}
             custom_id = data.get("custom_id")
-            token = stop_token_of(custom_id) if isinstance(custom_id, str) else None
-            if token is not None:
+            if not isinstance(custom_id, str):
+                return
+            if (token := stop_token_of(custom_id)) is not None:
                 await self._stop_pressed(interaction, token)
+            elif (control := control_of(custom_id)) is not None:
+                await self._tracked(self._control_pressed(interaction, *control))
 
         return client, self._command_tree(client)
 
@@ -675,6 +713,55 @@ class DiscordAdapter:
             await interaction.followup.send(refusal, ephemeral=True, allowed_mentions=NO_PINGS)
         except discord.HTTPException as e:
             log.warning("could not answer a Stop press: %s", e)
+
+    # --- a finished reply's buttons ---
+
+    async def _control_pressed(
+        self, interaction: discord.Interaction[discord.Client], kind: str, token: str
+    ) -> None:
+        """Regenerate (the core answers the thread's last question again, here) or a vote."""
+        try:  # ack at once, changing nothing
+            await interaction.response.defer()
+        except discord.HTTPException as e:
+            log.warning("could not acknowledge a button press (%s); ignoring it", e)
+            return
+        user = interaction.user
+        if kind != "regenerate":
+            refusal = await self.parley.conversation.feedback(
+                token, user_id=str(user.id), vote=kind
+            )
+            if refusal is not None:
+                with contextlib.suppress(discord.HTTPException):
+                    await interaction.followup.send(
+                        refusal, ephemeral=True, allowed_mentions=NO_PINGS
+                    )
+            return
+        channel = interaction.channel
+        if channel is None or isinstance(channel, discord.ForumChannel | discord.CategoryChannel):
+            return
+        place = self._interaction_place(interaction)
+        pressed = interaction.message
+        asker = Turn(
+            key=conversation_key(place),
+            user_id=str(user.id),
+            user_name=user.display_name,
+            text="",
+            event_id=str(interaction.id),  # one press, one answer (a snowflake: its buttons work)
+            is_admin=interaction.permissions.administrator,
+            roles=_roles(user),
+            in_dm=place.is_dm,
+        )
+        sink = DiscordSink(
+            channel,  # type: ignore[arg-type]
+            self.settings.edit_interval,
+            reply_to=pressed,
+            edit_budget=self.edit_budget,
+            stop_token=stop_token(asker),
+        )
+        chain = None
+        if pressed is not None and not place.is_dm and not place.is_thread:
+            chain = ReplyChain(str(pressed.id))  # the new answer joins the pressed one's chain
+        await self.parley.conversation.regenerate(token, asker, sink, chain=chain)
 
     # --- slash commands ---
 

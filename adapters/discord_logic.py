@@ -370,9 +370,33 @@ def stop_token_of(custom_id: str) -> str | None:
     Only Discord tokens (`discord:<message id>`): a custom_id is ours to read whatever process
     made it, so the listener needs no memory of the buttons it or another replica sent.
     """
-    if len(custom_id) > CUSTOM_ID_CHARS or not custom_id.startswith(STOP_PREFIX):
+    return _token_after(STOP_PREFIX, custom_id)
+
+
+CONTROLS = {"regenerate": "parley:regen:", "up": "parley:up:", "down": "parley:down:"}
+CONTROL_LABELS = {"regenerate": "🔄 Regenerate", "up": "👍", "down": "👎"}
+
+
+def control_custom_id(kind: str, token: str) -> str:
+    """The custom_id of a finished reply's button: Regenerate, 👍 or 👎."""
+    custom_id = CONTROLS[kind] + token
+    if len(custom_id) > CUSTOM_ID_CHARS:
+        raise ValueError(f"a reply token of {len(token)} characters does not fit a custom_id")
+    return custom_id
+
+
+def control_of(custom_id: str) -> tuple[str, str] | None:
+    """Which of a finished reply's buttons was pressed, and the reply's token, if it is ours."""
+    for kind, prefix in CONTROLS.items():
+        if (token := _token_after(prefix, custom_id)) is not None:
+            return kind, token
+    return None
+
+
+def _token_after(prefix: str, custom_id: str) -> str | None:
+    if len(custom_id) > CUSTOM_ID_CHARS or not custom_id.startswith(prefix):
         return None
-    token = custom_id.removeprefix(STOP_PREFIX)
+    token = custom_id.removeprefix(prefix)
     platform, _, message_id = token.partition(":")
     return token if platform == PLATFORM and is_snowflake(message_id) else None
 

@@ -83,6 +83,8 @@ MAX_CHARS = 3800
 SLASH_COMMANDS = ("/model", "/reset", "/parley")
 MODEL_SELECT = "parley_model_select"
 STOP_ACTION = "parley_stop"
+REGENERATE_ACTION = "parley_regenerate"
+VOTE_ACTIONS = {"parley_up": "up", "parley_down": "down"}
 MARKDOWN_BLOCK_CHARS = 12000  # the cumulative limit of a payload's markdown blocks
 MAX_MENU_OPTIONS = 100  # static_select's limit
 SECTION_CHARS = 3000  # a section block's text limit
@@ -109,20 +111,38 @@ def _retry_after(error: SlackApiError) -> float | None:
         return 1.0
 
 
-def _with_blocks(safe: str, stop: str | None) -> dict[str, Any]:
+def _button(action_id: str, label: str, token: str) -> dict[str, Any]:
+    text = {"type": "plain_text", "text": label, "emoji": True}
+    return {"type": "button", "action_id": action_id, "text": text, "value": token}
+
+
+def _controls(token: str) -> dict[str, Any]:
+    """A finished reply's buttons: Regenerate, 👍, 👎 (each carries the reply's token)."""
+    return {
+        "type": "actions",
+        "block_id": "parley_controls",
+        "elements": [
+            _button(REGENERATE_ACTION, "🔄 Regenerate", token),
+            *(
+                _button(action, "👍" if vote == "up" else "👎", token)
+                for action, vote in VOTE_ACTIONS.items()
+            ),
+        ],
+    }
+
+
+def _with_blocks(safe: str, stop: str | None, controls: str | None = None) -> dict[str, Any]:
     """A message as a markdown block (`markdown_text` cannot go with blocks), plus a Stop
-    button when `stop` is the reply's stop token; `text` is the notification fallback."""
+    button when `stop` is the reply's stop token, or a finished reply's buttons (`controls`);
+    `text` is the notification fallback."""
     if len(safe) > MARKDOWN_BLOCK_CHARS:  # only if neutralising grew the text a lot
         safe = safe[: MARKDOWN_BLOCK_CHARS - 1] + "…"
     blocks: list[dict[str, Any]] = [{"type": "markdown", "text": safe}]
     if stop:
-        button = {
-            "type": "button",
-            "action_id": STOP_ACTION,
-            "text": {"type": "plain_text", "text": "⏹ Stop", "emoji": True},
-            "value": stop,
-        }
-        blocks.append({"type": "actions", "elements": [button]})
+        stopping = _button(STOP_ACTION, "⏹ Stop", stop)
+        blocks.append({"type": "actions", "elements": [stopping]})
+    elif controls:
+        blocks.append(_controls(controls))
     return {"blocks": blocks, "text": safe}
 
 
@@ -215,6 +235,8 @@ class SlackSink:
         safe = await self._safe(frame.text)
         if self.stop_token and not frame.final:
             return _with_blocks(safe, self.stop_token)
+        if self.stop_token and frame.controls:
+            return _with_blocks(safe, None, self.stop_token)
         if self.stop_token and editing:
             return _with_blocks(safe, None)
         return {"markdown_text": safe}
@@ -331,8 +353,11 @@ class SlackSink:
         delta = wanted[len(stream.streamed) :]
         try:
             if frame.final:
+                buttons = (
+                    [_controls(self.stop_token)] if frame.controls and self.stop_token else None
+                )
                 await self._client.chat_stopStream(
-                    channel=self.channel, ts=ref.id, markdown_text=delta or None
+                    channel=self.channel, ts=ref.id, markdown_text=delta or None, blocks=buttons
                 )
                 stream.open = False
             elif delta:
@@ -401,6 +426,9 @@ class SlackAdapter:
             self.app.command(command)(self._on_command)
         self.app.action(MODEL_SELECT)(self._on_model_selected)
         self.app.action(STOP_ACTION)(self._on_stop)
+        self.app.action(REGENERATE_ACTION)(self._on_regenerate)
+        for action in VOTE_ACTIONS:
+            self.app.action(action)(self._on_vote)
         self.app.error(self._on_error)
         if not self.socket_mode:
             parley.http.router.add_post(EVENTS_PATH, self._on_http)
@@ -625,6 +653,58 @@ class SlackAdapter:
                 text=neutralise(refusal), response_type="ephemeral", replace_original=False
             )
 
+    async def _on_regenerate(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """Regenerate on a finished reply: the core answers its thread's last question again,
+        posted in the same thread (as the person who pressed it, every limit applying)."""
+        await ack()
+        click = BlockActions.model_validate(body)  # read into it at the edge already
+        if not click.channel_id:
+            return
+        thread_ts = click.thread_ts or (click.message.ts if click.message else None)
+        team_id = click.team.id if click.team else ""
+        key = ConversationKey(PLATFORM, team_id, click.channel_id, thread_ts or "")
+        action = click.actions[0]
+        asker = replace(
+            await self._command_turn(key, click.user.id),
+            event_id=f"regen-{action.action_ts or click.trigger_id or time.time()}",  # one click
+        )
+        in_place = click.thread_ts if asker.in_dm else thread_ts  # a DM answers in place
+        sink = SlackSink(
+            self,
+            team_id=team_id,
+            channel=click.channel_id,
+            thread_ts=in_place,
+            user_id=click.user.id,
+            stop_token=stop_token(asker),
+            native=self.settings.slack_native_streaming,
+            min_edit_interval=self.settings.edit_interval,
+        )
+        task = asyncio.current_task()
+        if task is not None:
+            self._turns.add(task)
+        try:
+            await self.conversation.regenerate(action.value or "", asker, sink)
+        finally:
+            if task is not None:
+                self._turns.discard(task)
+
+    async def _on_vote(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """👍 / 👎 on a finished reply: the core counts it; a refusal only to the person."""
+        await ack()
+        click = BlockActions.model_validate(body)
+        action = click.actions[0]
+        refusal = await self.conversation.feedback(
+            action.value or "", user_id=click.user.id, vote=VOTE_ACTIONS[action.action_id]
+        )
+        if refusal is not None and click.channel_id:
+            with contextlib.suppress(SlackApiError):
+                await self.client.chat_postEphemeral(
+                    channel=click.channel_id,
+                    user=click.user.id,
+                    thread_ts=click.thread_ts,
+                    markdown_text=neutralise(refusal),
+                )
+
     async def _command_turn(self, key: ConversationKey, user_id: str) -> Turn:
         """Who runs a command where (workspace admins may always configure; users.info cached)."""
         _, is_admin = await self.names.lookup(user_id)
@@ -646,7 +726,10 @@ class SlackAdapter:
 def _read(kind: str, payload: Any) -> Verdict:
     """An envelope's payload as Parley reads it; one log line for whatever it will not act on."""
     verdict = read_payload(
-        kind, payload, commands=SLASH_COMMANDS, actions=(MODEL_SELECT, STOP_ACTION)
+        kind,
+        payload,
+        commands=SLASH_COMMANDS,
+        actions=(MODEL_SELECT, STOP_ACTION, REGENERATE_ACTION, *VOTE_ACTIONS),
     )
     if isinstance(verdict, Ignore):
         if verdict.dropped:

@@ -202,7 +202,8 @@ class Conversation:
     ) -> Outcome:
         """Regenerate was pressed on a finished reply (on any replica): answer its thread's last
         question again, in place of that reply, with every limit applying to `asker` (a Turn
-        naming who pressed it; its key and text are not used). `chain`: where conversations are
+        naming who pressed it, and the press as its event id — the reply's Stop button carries
+        `stop_token(asker)`; its key and text are not used). `chain`: where conversations are
         reply chains, the pressed message's."""
         try:
             found = await self.state.reply(token)
@@ -218,7 +219,7 @@ class Conversation:
             asker,
             key=key,
             text="",
-            event_id=f"regen-{uuid.uuid4().hex}",
+            event_id=asker.event_id or f"regen-{uuid.uuid4().hex}",
             regenerates=token,
             chain=chain,
             attachments=(),
@@ -307,7 +308,6 @@ class Conversation:
         entries: list[HistoryEntry] = []
         counted: bool | None = None  # a bot turn answered (True) or a person's (False)
         replacing = 0  # history entries the exchange replaces (a regenerated answer)
-        model = ""
         try:
             if not start.fresh:
                 log.info("duplicate event ignored")
@@ -336,7 +336,7 @@ class Conversation:
             raise
         finally:
             saved = {i: asked.images[i] for e in entries for i in e.images if i in asked.images}
-            done = _Done(entries, slot, saved, counted, replacing if entries else 0, model)
+            done = _Done(entries, slot, saved, counted, replacing if entries else 0)
             await asyncio.shield(self._finish(start, done, sink))
 
     def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
@@ -368,7 +368,6 @@ class Conversation:
                 images=done.images,
                 from_bot=done.from_bot,
                 replacing=done.replacing,
-                model=done.model,
             )
         except REDIS_DOWN as e:
             log.error(
@@ -396,6 +395,7 @@ class Conversation:
             try:
                 model = start.prefs.model or await self._default_model()
                 model, images = await self._read_attachments(turn, model, start, asked, renderer)
+                renderer.before_final = self._reply_recorder(start, model)
                 messages = build_messages(
                     system=start.prefs.system_prompt or self.settings.system_prompt,
                     history=list(start.history),
@@ -425,6 +425,17 @@ class Conversation:
                 self._idle.set()
         self._observe(turn, result, started)
         return result, model
+
+    def _reply_recorder(self, start: TurnStart, model: str) -> Callable[[], Awaitable[None]]:
+        """Before a reply shows its buttons: remember its thread and model for them."""
+
+        async def record() -> None:
+            try:
+                await self.state.remember_reply(start.token, start.key, model)
+            except REDIS_DOWN as e:  # its buttons will say the answer is too old
+                log.warning("redis unavailable: the reply's buttons will not work: %s", e)
+
+        return record
 
     async def _within_budget(self, turn: Turn) -> None:
         """Raise TokensSpent while the person's token budget is used up."""
@@ -574,7 +585,6 @@ class _Done:
     images: dict[str, Image]
     from_bot: bool | None
     replacing: int
-    model: str
 
 
 def _regenerable(start: TurnStart, token: str) -> HistoryEntry:

@@ -356,13 +356,11 @@ class State:
         images: Mapping[str, Image] | None = None,
         from_bot: bool | None = None,
         replacing: int = 0,
-        model: str = "",
     ) -> None:
         """Finish a turn in one round trip: free the thread, the in-flight `slot` and the Stop
         owner, and save the exchange (with the `images` its entries name) — in place of the last
         `replacing` entries (a regenerated answer); count the thread's run of answered bot turns
-        (`from_bot`: True adds one, False ends the run); remember the reply's thread and `model`
-        for its buttons.
+        (`from_bot`: True adds one, False ends the run).
 
         The releases go first in the pipeline, so a failing write after them cannot keep them;
         if Redis cannot be reached, the lock, the slot and the owner lapse by themselves.
@@ -378,10 +376,6 @@ class State:
                 pipe.delete(self._turn_key(start.token))
             if entries:
                 self._queue_append(pipe, start.key, entries, replacing)
-            if reply := next((e.reply for e in entries if e.reply), ""):
-                where = [start.key.platform, start.key.space, start.key.channel, start.key.thread]
-                record = json.dumps({"key": where, "model": model})
-                pipe.set(self._reply_key(reply), record, ex=self.history_ttl)
             if from_bot:
                 pipe.incr(self.bots_key(start.key))
                 pipe.expire(self.bots_key(start.key), self.history_ttl)
@@ -407,6 +401,12 @@ class State:
     # --- finished replies: their buttons (Regenerate, 👍, 👎) ---
     def _reply_key(self, token: str) -> str:
         return f"{self.prefix}reply:{{{token}}}"
+
+    async def remember_reply(self, token: str, key: ConversationKey, model: str) -> None:
+        """A reply about to show its buttons: its thread and model, for as long as history."""
+        where = [key.platform, key.space, key.channel, key.thread]
+        record = json.dumps({"key": where, "model": model})
+        await self.redis.set(self._reply_key(token), record, ex=self.history_ttl)
 
     async def reply(self, token: str) -> tuple[ConversationKey, str] | None:
         """The thread a finished reply is in, and the model that wrote it."""

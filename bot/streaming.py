@@ -63,6 +63,7 @@ class Renderer:
     reply_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the budgets' count
     notes: list[str] = field(default_factory=list)  # lines the reply ends with, whatever its end
     controls: bool = False  # the reply's final message carries Regenerate, 👍 and 👎
+    before_final: Callable[[], Awaitable[None]] | None = None  # before the final frame shows
     text: str = ""  # all content so far
     thinking: str = ""
     done: Done | None = None
@@ -145,6 +146,8 @@ class Renderer:
         if not self.text.strip() and status is Status.COMPLETE:
             body = EMPTY_ANSWER
         ending = Frame(Phase(status.value), notice=closing, controls=self.controls)
+        if self.controls and self.before_final is not None:
+            await self.before_final()
         await self._flush(body, ending=ending)
         await self._leave_budgets()
         return RenderResult(

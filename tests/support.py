@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from adapters.discord import DiscordAdapter
+from adapters.discord_logic import STOP_PREFIX
 from adapters.slack import SlackAdapter
 from bot.app import Parley
 from bot.backends.base import Backend, Timeouts
@@ -144,6 +145,14 @@ async def running_discord(
         await parley.aclose()
         discord.http.Route.BASE = base
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
+
+
+def stop_buttons(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Stop buttons a Discord message (or a request's body) carries: a reply being written
+    has one; a finished one has none (its last page carries Regenerate, 👍 and 👎 instead)."""
+    rows = message.get("components") or []
+    pressable = [c for row in rows for c in row.get("components") or []]
+    return [c for c in pressable if str(c.get("custom_id", "")).startswith(STOP_PREFIX)]
 
 
 HELD_KEYS = ("parley:lock:*", "parley:busy:*", "parley:turn:*")

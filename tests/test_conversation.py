@@ -301,7 +301,8 @@ async def test_redis_lost_while_a_reply_streams_the_reply_ends_and_says_it_is_no
         assert await parley.conversation.handle(turn("back?"), again) is Outcome.COMPLETE
     finally:
         await parley.aclose()
-    assert redis_errors_told(caplog.records) == 2  # the edit budget, then saving: no traceback
+    # the edit budget, the buttons' record, then saving: one line each, no traceback
+    assert redis_errors_told(caplog.records) == 3
 
 
 # --- channel and user controls --------------------------------------------------------------

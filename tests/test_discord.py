@@ -34,6 +34,7 @@ from tests.support import (
     mention,
     redis_errors_told,
     running_discord,
+    stop_buttons,
     tracebacks,
     until,
 )
@@ -257,7 +258,7 @@ async def test_a_streaming_reply_carries_a_stop_button_that_stops_it_for_the_ask
 
     assert [c["type"] for c in fake.callbacks[iid]] == [6]  # acked: deferred update, no message
     assert not fake.interaction_replies(iid)  # the asker is told nothing: the reply shows it
-    assert stopped["components"] == [] and "word" in stopped["content"]
+    assert stop_buttons(stopped) == [] and "word" in stopped["content"]
     assert CURSOR not in stopped["content"]
     edits = fake.calls("PATCH", f"/channels/{fake.channel_id}/messages/{reply['id']}")
     # mid-stream edits leave the button alone; the final edit takes it off
@@ -285,7 +286,7 @@ async def test_someone_else_pressing_stop_is_refused_privately_and_the_reply_goe
     [followup] = [r for r in fake.requests if r.path.startswith("/webhooks/")]
     assert followup.json["flags"] & 64  # only Bob sees it
     assert followup.json["allowed_mentions"]["parse"] == []
-    assert done["id"] == reply["id"] and done["components"] == []
+    assert done["id"] == reply["id"] and stop_buttons(done) == []
     await until(lambda: model_server.completed == 1)
     assert model_server.disconnects == 0
 
@@ -321,7 +322,7 @@ async def test_only_the_page_being_written_carries_the_stop_button(
     )
 
     pages = fake.bot_messages()
-    assert all(m["components"] == [] for m in pages)
+    assert all(stop_buttons(m) == [] for m in pages)
     writes = [
         r
         for r in fake.requests
@@ -388,7 +389,7 @@ async def test_a_stop_pressed_on_another_replica_stops_the_reply(
 
     assert fake.deliveries("INTERACTION_CREATE", iid) == [other]
     assert [c["type"] for c in fake.callbacks[iid]] == [6]
-    assert fake.messages[reply["id"]]["components"] == []
+    assert stop_buttons(fake.messages[reply["id"]]) == []
     await until(lambda: model_server.disconnects == 1)
 
 
@@ -711,7 +712,7 @@ def broken_messages(fake: FakeDiscord, author: Json) -> list[Json]:
 async def final_reply_to(fake: FakeDiscord, asked_id: str) -> Json:
     """The reply to `asked_id` once it is final (its Stop button gone)."""
     [reply] = await fake.wait_for(lambda f: f.replies_to(asked_id))
-    return await fake.wait_for(lambda f: (m := f.messages[reply["id"]])["components"] == [] and m)
+    return await fake.wait_for(lambda f: stop_buttons(m := f.messages[reply["id"]]) == [] and m)
 
 
 def dropped(records: list[logging.LogRecord]) -> list[str]:
@@ -993,3 +994,31 @@ async def test_attachments_reach_the_model_and_an_expired_one_is_said(
     assert "File `config.yaml`:\n```yaml\nretries: 3\ntimeout: 10s\n```" in asked["content"]
     assert reply["content"].endswith("📎 `old.txt`: Discord answered 404 for it.")
     assert len(fake.file_downloads) == 3
+
+
+# --- Regenerate and feedback ----------------------------------------------------------------
+
+
+async def test_a_finished_reply_offers_regenerate_and_votes_on_any_replica(
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
+) -> None:
+    asked = await fake.say(alice, f"{mention(fake)} what is Redis?")
+    reply = await final_reply_to(fake, asked["id"])
+    controls = {b["label"]: b["custom_id"] for b in buttons(reply)}
+    assert list(controls) == ["🔄 Regenerate", "👍", "👎"]
+    await fake.press(alice, reply["id"], controls["👍"])
+    await fake.press(fake.add_user("bob"), reply["id"], controls["👎"])
+    await fake.press(alice, reply["id"], controls["🔄 Regenerate"])
+    again = await fake.wait_for(lambda f: len(f.bot_messages()) == 2 and f.bot_messages()[-1])
+    await final_reply_to(fake, str(again["message_reference"]["message_id"]))
+    metrics = bot.parley.metrics.render().decode()
+    key = ConversationKey("discord", fake.guild_id, fake.channel_id, asked["id"])
+    history = await bot.parley.state.history(key)
+
+    assert again["content"] == "You said: what is Redis?"
+    assert [m["content"] for m in model_server.chat_requests[-1]["messages"][1:]] == [
+        "what is Redis?"
+    ]
+    assert [e.role for e in history] == ["user", "assistant"]  # replaced, not appended
+    assert 'parley_feedback_total{model="llama3.2:latest",vote="up"} 1.0' in metrics
+    assert 'parley_feedback_total{model="llama3.2:latest",vote="down"} 1.0' in metrics

@@ -43,6 +43,7 @@ from tests.support import (
     held_in_redis,
     mention,
     running_discord,
+    stop_buttons,
     tracebacks,
     until,
 )
@@ -421,7 +422,7 @@ class Edge:
         """Something was posted, and every page of it is in its final state."""
         pages = self.pages()
         return bool(pages) and all(
-            page["components"] == []  # the Stop button goes with the final edit
+            stop_buttons(page) == []  # the Stop button goes with the final edit
             and page["content"] not in (PLACEHOLDER, THINKING)
             and not page["content"].endswith(CURSOR)
             for page in pages

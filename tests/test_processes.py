@@ -25,7 +25,7 @@ import pytest
 from bot.markdown import CURSOR, PLACEHOLDER, STOPPED
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.model_server import FakeModelServer, Script
-from tests.support import mention
+from tests.support import mention, stop_buttons
 
 PARLEY = Path(sys.executable).with_name("parley")  # the console script of this environment
 # The code under test is this working tree's: put it first on the children's path, whatever
@@ -193,8 +193,8 @@ async def test_sigterm_with_20_replies_streaming_finalises_every_one_and_exits_0
         content = reply["content"]
         assert content != PLACEHOLDER and not content.endswith(CURSOR), content
         assert content.endswith(STOPPED) or content == whole, content
-        assert reply["components"] == []  # the Stop button is gone: its final edit was made
-        assert last_edit(fake, reply)["components"] == []
+        assert stop_buttons(reply) == []  # the Stop button is gone: its final edit was made
+        assert stop_buttons(last_edit(fake, reply)) == []
     assert model_server.completed + model_server.disconnects == 20
     assert len(model_server.chat_requests) == 20
 
@@ -232,5 +232,5 @@ async def test_two_replicas_on_one_redis_answer_each_twice_delivered_event_once(
         assert len(fake.reply_posts(question["id"])) == 1  # one answered it
         [reply] = fake.replies_to(question["id"])
         assert reply["content"] == answer[question["id"]]
-        assert reply["components"] == []
+        assert stop_buttons(reply) == []
     assert len(model_server.chat_requests) == 10

@@ -22,6 +22,7 @@ from adapters.slack_text import JOINER
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
 from bot.markdown import CURSOR, PLACEHOLDER, STOPPED
+from bot.turn import ConversationKey
 from tests.fakes.model_server import FakeModelServer, Script, word_pieces
 from tests.fakes.slack import (
     BOT_TOKEN,
@@ -29,6 +30,7 @@ from tests.fakes.slack import (
     TEAM_ID,
     ApiCall,
     FakeSlack,
+    PostedMessage,
 )
 from tests.support import SLACK_INTERVAL, Bot, could_ping, redis_errors_told, slack_bot, until
 
@@ -112,6 +114,14 @@ def shown(call: ApiCall) -> str:
     blocks = call.params.get("blocks") or []
     markdown = [str(b["text"]) for b in blocks if b["type"] == "markdown"]
     return str(call.params.get("markdown_text") or "\n".join(markdown))
+
+
+CONTROLS = ["parley_regenerate", "parley_up", "parley_down"]
+
+
+def actions_of(message: PostedMessage) -> list[str]:
+    """The action ids of the buttons a message shows now."""
+    return [str(e.get("action_id")) for _, e in message.buttons()]
 
 
 def stop_buttons(call: ApiCall) -> list[dict[str, Any]]:
@@ -300,9 +310,9 @@ async def test_a_streaming_reply_carries_a_stop_button_until_its_last_edit(
         assert call.params["text"] == shown(call)  # the notification fallback
         assert "markdown_text" not in call.params  # it cannot go with blocks
     final = edits[-1]
-    assert [b["type"] for b in final.params["blocks"]] == ["markdown"]  # no actions block
+    assert stop_buttons(final) == []  # its buttons now: Regenerate, 👍, 👎
     assert shown(final) == REPLY and final.params["text"] == REPLY
-    assert slack.messages[(CHANNEL, placeholder_ts)].buttons() == []
+    assert actions_of(slack.messages[(CHANNEL, placeholder_ts)]) == CONTROLS
 
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
@@ -318,7 +328,7 @@ async def test_stop_pressed_by_the_asker_ends_the_reply_and_generation(
         text = thread_text(slack, mention["ts"])
         assert REPLY.startswith(text.removesuffix(STOPPED).strip()[:100])
         assert len(text) < len(REPLY * 3)
-        assert slack.messages[(CHANNEL, ts)].buttons() == []
+        assert actions_of(slack.messages[(CHANNEL, ts)]) == CONTROLS
         # the thread is free again: the next question is answered
         follow_up = slack.user_message("thanks", thread_ts=mention["ts"])
         await send_event(slack, bot, follow_up)
@@ -547,7 +557,8 @@ async def test_an_8000_character_reply_arrives_whole_split_at_paragraphs(
     # only the page being written carries the Stop button; every page ends without one
     posts = slack.calls_to("chat.postMessage")
     assert all(len(stop_buttons(p)) == 1 for p in posts)
-    assert all(m.buttons() == [] for m in slack.thread(CHANNEL, mention["ts"]))
+    thread = slack.thread(CHANNEL, mention["ts"])
+    assert [actions_of(m) for m in thread] == [[], [], CONTROLS]  # only the last: the controls
     page_ts = iter(m.ts for m in slack.thread(CHANNEL, mention["ts"]))
     newest = ""
     for call in slack.calls:
@@ -859,3 +870,40 @@ async def test_only_the_named_people_and_workspace_admins_change_a_channels_prom
     assert refused["text"].startswith("Only workspace admins and the people Parley")
     assert "Talk like a pirate." in allowed["text"]
     assert model_server.chat_requests[-1]["messages"][0]["content"] == "Talk like a pirate."
+
+
+# --- Regenerate and feedback ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_a_finished_reply_offers_regenerate_and_votes(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str, mode: str
+) -> None:
+    async with slack_bot(slack, model_server, redis_url, mode) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> what is Redis?", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await reply_in_thread(slack, mention["ts"], "You said: what is Redis?")
+        (reply,) = slack.thread(CHANNEL, mention["ts"])
+        assert [e["action_id"] for _, e in reply.buttons()] == [
+            "parley_regenerate",
+            "parley_up",
+            "parley_down",
+        ]
+        await send_action(slack, bot, slack.button_payload(CHANNEL, reply.ts, "parley_up"))
+        await send_action(
+            slack, bot, slack.button_payload(CHANNEL, reply.ts, "parley_down", user="U0BOB")
+        )
+        await send_action(slack, bot, slack.button_payload(CHANNEL, reply.ts, "parley_regenerate"))
+        await slack.wait_for(lambda: len(slack.thread(CHANNEL, mention["ts"])) == 2)
+        await reply_in_thread(
+            slack, mention["ts"], "You said: what is Redis?\n\nYou said: what is Redis?"
+        )
+        history = await bot.parley.state.history(
+            ConversationKey("slack", TEAM_ID, CHANNEL, mention["ts"])
+        )
+        metrics = bot.parley.metrics.render().decode()
+
+    assert len(model_server.chat_requests) == 2
+    assert [e.role for e in history] == ["user", "assistant"]  # replaced, not appended
+    assert 'parley_feedback_total{model="llama3.2:latest",vote="up"} 1.0' in metrics
+    assert 'parley_feedback_total{model="llama3.2:latest",vote="down"} 1.0' in metrics
