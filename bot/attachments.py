@@ -231,17 +231,22 @@ class Unreadable(Exception):
 
 def image_for_model(data: bytes, max_side: int) -> Image:
     """The image as vision models take it: upright, at most `max_side` pixels on its long side
-    (vision models see no more), JPEG — or PNG where it is transparent."""
+    (vision models see no more), JPEG — or PNG where it really is transparent (a screenshot
+    saved with an alpha channel that is opaque everywhere is a JPEG: a third of the bytes)."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_PIXELS:
                 raise Unreadable("this image has too many pixels to read.")
+            opened.draft("RGB", (max_side, max_side))  # a JPEG decodes at a fraction of its size
             picture = PIL.ImageOps.exif_transpose(opened)  # the first frame of an animation
             picture.thumbnail((max_side, max_side))
-            clear = picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info
+            if picture.mode in ("RGBA", "LA", "PA", "P") or "transparency" in picture.info:
+                picture = picture.convert("RGBA")
+            lowest = picture.getchannel("A").getextrema()[0] if picture.mode == "RGBA" else 255
+            clear = isinstance(lowest, int | float) and lowest < 255
             out = io.BytesIO()
             if clear:
-                picture.convert("RGBA").save(out, "PNG", optimize=True)
+                picture.save(out, "PNG")
             else:
                 picture.convert("RGB").save(out, "JPEG", quality=85)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:

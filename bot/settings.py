@@ -163,8 +163,10 @@ class Settings(BaseSettings):
     max_file_chars: int = Field(default=20_000, ge=100)  # text of one file given to the model
     attachment_timeout: float = Field(default=30.0, gt=0)  # seconds to download one file
     image_max_side: int = Field(default=1568, ge=64)  # pixels: larger images are scaled down
-    thread_images: int = Field(default=8, ge=1)  # images a thread keeps for follow-ups
-    thread_image_bytes: int = Field(default=8_000_000, ge=100_000)  # and their bytes in Redis
+    # images a thread keeps for follow-ups, and their bytes in Redis: about what the default
+    # context can carry (3,072 tokens for history at ~800 an image; docs/benchmarks.md §5)
+    thread_images: int = Field(default=4, ge=1)
+    thread_image_bytes: int = Field(default=4_000_000, ge=100_000)
     vision_model: str | None = None  # answers turns with images when the channel's cannot see
     vision_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # globs, openai
 

@@ -155,8 +155,8 @@ class State:
         history_ttl: float = 30 * 86400,
         dedup_ttl: int = 600,
         history_fetch: int = 100,
-        thread_images: int = 8,
-        thread_image_bytes: int = 8_000_000,
+        thread_images: int = 4,
+        thread_image_bytes: int = 4_000_000,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -381,6 +381,11 @@ class State:
                 pipe.expire(self.bots_key(start.key), self.history_ttl)
             elif from_bot is not None and start.bot_streak:
                 pipe.delete(self.bots_key(start.key))
+            if entries and start.images:  # images no stored message names any more go
+                kept = [*start.history[: len(start.history) - replacing], *entries]
+                named = {i for e in kept[-self.history_max :] for i in e.images}
+                if stale := [i for i in start.images if i not in named]:
+                    pipe.hdel(self.images_key(start.key), *stale)
             if images or (entries and start.images):  # the images live as long as the thread
                 values = [
                     part for i, image in (images or {}).items() for part in (i, _image_json(image))

@@ -130,6 +130,12 @@ def test_a_transparent_image_stays_a_png_and_a_small_one_keeps_its_size() -> Non
         assert seen.size == (100, 50)
 
 
+def test_a_screenshot_with_an_opaque_alpha_channel_is_sent_as_a_jpeg() -> None:
+    opaque = io.BytesIO()
+    PIL.Image.new("RGBA", (300, 200), (10, 20, 30, 255)).save(opaque, "PNG")
+    assert image_for_model(opaque.getvalue(), 1568).media_type == "image/jpeg"
+
+
 @pytest.mark.parametrize("data", [b"", b"not an image at all", png()[:100]])
 def test_bytes_that_are_no_image_are_unreadable_not_a_crash(data: bytes) -> None:
     with pytest.raises(Unreadable):
@@ -360,6 +366,20 @@ async def test_a_thread_keeps_only_its_newest_images_within_the_caps(
     assert await redis_client.ttl(f"parley:img:{{{KEY.tag}}}") > 0  # lapses with the thread
     # and the newest request carried only as many: its own and the one before
     assert len(model_server.images_seen[-1]) == 2
+
+
+async def test_a_threads_images_go_when_no_remembered_message_names_them(
+    redis_url: str, model_server: FakeModelServer, redis_client: aioredis.Redis
+) -> None:
+    app = await open_parley(redis_url, model_server, history_max_messages=4, default_model=VISION)
+    try:
+        await app.conversation.handle(asking("see", attached("a.png", png())), RecordingSink())
+        for n in range(3):  # the exchange with the image leaves the four kept messages
+            await app.conversation.handle(asking(f"talk {n}"), RecordingSink())
+    finally:
+        await app.aclose()
+    assert await redis_client.hlen(f"parley:img:{{{KEY.tag}}}") == 0
+    assert model_server.images_seen[-1] == []
 
 
 async def test_the_console_attaches_local_files_to_the_next_message(
