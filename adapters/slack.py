@@ -35,6 +35,7 @@ from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_edge import (
+    AgentSessionStopped,
     BlockActions,
     Challenge,
     Forward,
@@ -208,12 +209,15 @@ class SlackSink:
     thread_ts: str | None  # None: top level (a DM's main conversation)
     user_id: str  # who asked: ephemeral notices, stream recipient
     stop_token: str = ""  # the value of the Stop button on the message being written
+    agent: bool = False  # an agent session shows the reply's state, and Slack's own Stop
+    title: str = ""  # the agent session's title (the question), when it is created
     native: bool = False  # try chat.startStream for the first message
     max_chars: int = MAX_CHARS
     min_edit_interval: float = 1.0
     _streams: dict[str, _Stream] = field(default_factory=dict)
     _status_shown: str = ""
     _status_at: float = 0.0
+    _session: str = ""  # the agent session's status as last set
 
     @property
     def _client(self) -> AsyncWebClient:
@@ -233,7 +237,7 @@ class SlackSink:
         if frame.phase is Phase.STREAMING:
             frame = replace(frame, body=settled(frame.body))
         safe = await self._safe(frame.text)
-        if self.stop_token and not frame.final:
+        if self.stop_token and not frame.final and not self.agent:  # an agent: Slack's Stop
             return _with_blocks(safe, self.stop_token)
         if self.stop_token and frame.controls:
             return _with_blocks(safe, None, self.stop_token)
@@ -242,6 +246,8 @@ class SlackSink:
         return {"markdown_text": safe}
 
     async def post(self, frame: Frame) -> MessageRef:
+        if not frame.final:
+            await self._set_session("processing")
         if self.native and self.thread_ts and not frame.final and not self._streams:
             ref = await self._start_stream(frame)
             if ref is not None:
@@ -267,6 +273,11 @@ class SlackSink:
         stream = self._streams.get(ref.id)
         if stream is not None and stream.open and await self._append(ref, stream, frame):
             return
+        await self._update(ref, frame)
+        if frame.controls:  # the reply's end: its session is no longer processing
+            await self._set_session("active")
+
+    async def _update(self, ref: MessageRef, frame: Frame) -> None:
         try:
             await self._client.chat_update(
                 channel=ref.channel or self.channel,
@@ -292,8 +303,9 @@ class SlackSink:
             await self.post(message(text))
 
     async def show_waiting(self, state: WaitingState) -> None:
-        """`assistant.threads.setStatus` in threads; the placeholder already shows elsewhere."""
-        if not self.thread_ts or not self.adapter.status_allowed:
+        """`assistant.threads.setStatus` in threads (an agent's session shows it instead); the
+        placeholder already shows elsewhere."""
+        if not self.thread_ts or not self.adapter.status_allowed or self.agent:
             return
         status = STATUS_TEXT[state]
         now = time.monotonic()
@@ -310,6 +322,25 @@ class SlackSink:
                 self.adapter.status_allowed = False
             return
         self._status_shown, self._status_at = status, now
+
+    async def _set_session(self, status: str) -> None:
+        """An agent's session in this thread: processing while a reply is written, then active
+        (Slack shows its own Stop while processing). Only for apps declared as agents."""
+        if not self.agent or not self.thread_ts or self._session == status:
+            return
+        self._session = status
+        try:
+            response = await self._client.agents_sessions_setStatus(
+                channel_id=self.channel,
+                thread_ts=self.thread_ts,
+                status=status,
+                title=self.title[:200] or None,
+            )
+        except SlackApiError as e:
+            log.warning("agent session status refused: %s", e.response.get("error"))
+            return
+        if warning := response.get("warning"):
+            log.warning("agent session status: Slack warns %s", warning)
 
     async def _clear_status(self) -> None:
         if not self._status_shown:
@@ -422,6 +453,7 @@ class SlackAdapter:
 
         self.app.event("app_mention")(self._on_message)
         self.app.event("message")(self._on_message)
+        self.app.event("agent_session_stopped")(self._on_session_stopped)
         for command in SLASH_COMMANDS:
             self.app.command(command)(self._on_command)
         self.app.action(MODEL_SELECT)(self._on_model_selected)
@@ -547,11 +579,38 @@ class SlackAdapter:
                 stop_token=stop_token(turn),
                 native=self.settings.slack_native_streaming,
                 min_edit_interval=self.settings.edit_interval,
+                agent=self.settings.slack_agent,
+                title=turn.text.strip().split("\n", 1)[0],
             )
             await self.conversation.handle(turn, sink)
         finally:
             if task is not None:
                 self._turns.discard(task)
+
+    async def _on_session_stopped(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
+        """Slack's own Stop on an agent session: the core stops the reply written in that
+        thread, on whichever replica writes it (the session then leaves processing as the
+        stopped reply ends); a refusal goes only to the person."""
+        stopped = AgentSessionStopped.model_validate(event)  # read into it at the edge already
+        if stopped.user is None or stopped.thread_ts is None:
+            return
+        _, is_admin = await self.names.lookup(stopped.user)
+        key = ConversationKey(PLATFORM, context.team_id or "", stopped.channel, stopped.thread_ts)
+        refusal = await self.conversation.stop_in_thread(
+            key, user_id=stopped.user, is_admin=is_admin
+        )
+        if refusal is None:
+            return
+        with contextlib.suppress(SlackApiError):  # nothing is being written: not processing
+            await self.client.agents_sessions_setStatus(
+                channel_id=stopped.channel, thread_ts=stopped.thread_ts, status="active"
+            )
+            await self.client.chat_postEphemeral(
+                channel=stopped.channel,
+                user=stopped.user,
+                thread_ts=stopped.thread_ts,
+                markdown_text=neutralise(refusal),
+            )
 
     def _attachment(self, file: SlackFile) -> Attachment:
         """A file on a message, fetched (when the core asks) from `url_private_download` with

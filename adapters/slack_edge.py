@@ -84,13 +84,24 @@ class SlackMessage(_Model):
         return _readable(value)
 
 
+class AgentSessionStopped(_Model):
+    """Someone pressed Slack's own Stop on an agent session (apps declared as agents)."""
+
+    type: Literal["agent_session_stopped"]
+    channel: Id
+    thread_ts: Ts | None = None
+    user: Id | None = None
+    streaming_message_ts: list[Ts] = Field(default_factory=list, max_length=50)
+    event_ts: Ts | None = None
+
+
 class EventCallback(_Model):
     type: Literal["event_callback"]
     team_id: Id | None = None
     api_app_id: Id | None = None
     event_id: Short | None = None
     event_time: int | None = None
-    event: SlackMessage
+    event: SlackMessage | AgentSessionStopped = Field(discriminator="type")
 
 
 class SlashCommand(_Model):
@@ -326,7 +337,7 @@ def _event(payload: dict[str, Any]) -> Verdict:
     event = payload.get("event")
     if not isinstance(event, dict):
         return Ignore("event_callback without an event object", dropped=True)
-    if event.get("type") not in ("app_mention", "message"):
+    if event.get("type") not in ("app_mention", "message", "agent_session_stopped"):
         return Ignore(f"event of type {str(event.get('type'))[:40]!r}")
     callback = EventCallback.model_validate(payload)
     return Forward("events_api", callback.model_dump(exclude_none=True))

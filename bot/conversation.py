@@ -46,7 +46,7 @@ from bot.state import (
     turn_token,
 )
 from bot.streaming import Renderer, RenderResult, Status, wait_first
-from bot.turn import MessageRef, ReplyChain, ReplySink, Turn, message
+from bot.turn import ConversationKey, MessageRef, ReplyChain, ReplySink, Turn, message
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,20 @@ class Conversation:
             log.error("could not stop a reply: redis unavailable: %s", _reason(e))
             return describe(StateUnavailable())
         return None
+
+    async def stop_in_thread(
+        self, key: ConversationKey, *, user_id: str, is_admin: bool = False
+    ) -> str | None:
+        """A platform's own stop control for a thread (Slack's agent session) was pressed: stop
+        the reply being written there, as the Stop button would. None, or why not in words."""
+        try:
+            token = await self.state.reply_in_progress(key)
+        except REDIS_DOWN as e:
+            log.error("could not stop a reply: redis unavailable: %s", _reason(e))
+            return describe(StateUnavailable())
+        if token is None:
+            return "There is no answer being written here."
+        return await self.stop(token, user_id=user_id, is_admin=is_admin)
 
     async def regenerate(
         self,

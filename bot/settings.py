@@ -184,6 +184,7 @@ class Settings(BaseSettings):
     slack_thread_followups: bool = True
     slack_native_streaming: bool = False
     slack_update_budget: int = Field(default=50, ge=1)  # chat.update calls/min per workspace
+    slack_agent: bool = False  # the app is declared an agent: agent sessions, Slack's own Stop
     slack_allowed_channels: Annotated[list[str], NoDecode] = Field(default_factory=list)
     slack_allowed_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
     slack_model_admins: Annotated[list[str], NoDecode] = Field(default_factory=list)

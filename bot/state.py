@@ -219,6 +219,12 @@ class State:
         """The bot answered in this thread, or is answering there now (its lock is held)."""
         return bool(await self.redis.exists(self.history_key(key), self.lock_key(key)))
 
+    async def reply_in_progress(self, key: ConversationKey) -> str | None:
+        """The Stop token of the reply being written in this thread, if one is."""
+        value = await self.redis.get(self.lock_key(key))
+        _, bar, token = _text(value).partition("|") if value is not None else ("", "", "")
+        return token if bar else None
+
     async def forget(self, key: ConversationKey) -> bool:
         return bool(await self.redis.delete(self.history_key(key)))
 
@@ -293,9 +299,10 @@ class State:
         thread's newest history and its channel's preferences.
 
         Whatever it took (`fresh`, `locked`, `claimed`) is given back by `finish_turn`, which
-        must run whatever happens next.
+        must run whatever happens next. The lock's value names the reply being written (its
+        Stop token after a `|`), so a platform's own stop control can find it by thread.
         """
-        token = uuid.uuid4().hex
+        token = f"{uuid.uuid4().hex}|{turn_token(key.platform, event_id)}"
         expire_ms = max(1, int(expire * 1000))
         seen = self._seen_key(key.platform, event_id)
         turn_key = self._turn_key(turn_token(key.platform, event_id))

@@ -907,3 +907,46 @@ async def test_a_finished_reply_offers_regenerate_and_votes(
     assert [e.role for e in history] == ["user", "assistant"]  # replaced, not appended
     assert 'parley_feedback_total{model="llama3.2:latest",vote="up"} 1.0' in metrics
     assert 'parley_feedback_total{model="llama3.2:latest",vote="down"} 1.0' in metrics
+
+
+# --- agent sessions -------------------------------------------------------------------------
+
+
+async def test_as_an_agent_a_reply_runs_in_a_session_that_slacks_own_stop_ends(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    slack.agent = True
+    model_server.script(Script(tokens=word_pieces(REPLY * 3), delay=0.03), Script(tokens=["ok"]))
+    async with slack_bot(slack, model_server, redis_url, "socket", slack_agent=True) as bot:
+        mention = slack.user_message(f"<@{BOT_USER_ID}> tell me\nall", event_type="app_mention")
+        await send_event(slack, bot, mention)
+        await slack.wait_for(lambda: CURSOR in thread_text(slack, mention["ts"]))
+        (reply,) = slack.thread(CHANNEL, mention["ts"])
+        assert STOP_ACTION not in actions_of(reply)  # Slack shows its own Stop in a session
+        await send_event(slack, bot, slack.session_stopped(mention["ts"]))
+        await slack.wait_for(lambda: thread_text(slack, mention["ts"]).endswith(STOPPED))
+        await until(lambda: model_server.disconnects == 1)  # generation stopped upstream
+        await slack.wait_for(
+            lambda: (
+                [c.params["status"] for c in slack.calls_to("agents.sessions.setStatus")]
+                == ["processing", "active"]
+            )
+        )
+        # pressed again with nothing being written: the session is set active, the person told
+        thread = ConversationKey("slack", TEAM_ID, CHANNEL, mention["ts"])
+
+        async def finished() -> bool:
+            return await bot.parley.state.reply_in_progress(thread) is None
+
+        await until(finished)
+        await send_event(slack, bot, slack.session_stopped(mention["ts"]))
+        await slack.wait_for(lambda: bool(slack.calls_to("chat.postEphemeral")))
+
+    first = slack.calls_to("agents.sessions.setStatus")[0]
+    assert first.params["thread_ts"] == mention["ts"] and first.params["title"] == "tell me"
+    assert slack.calls_to("assistant.threads.setStatus") == []  # the session says it instead
+    (notice,) = slack.calls_to("chat.postEphemeral")
+    assert notice.params["markdown_text"] == "There is no answer being written here."
+    assert [c.params["status"] for c in slack.calls_to("agents.sessions.setStatus")][-1] == (
+        "active"
+    )

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 BOT_TOKEN = "xoxb-fake-bot-token"
+CHANNEL_GENERAL = "C0GENERAL"
 APP_TOKEN = "xapp-1-fake-app-token"
 SIGNING_SECRET = "fake-signing-secret"
 TEAM_ID = "T0PARLEY"
@@ -78,6 +79,8 @@ class FakeSlack:
         default_factory=lambda: {"U0ALICE": "Alice", "U0BOB": "Bob Builder", BOT_USER_ID: "parley"}
     )
     echo: bool = False  # deliver our own posts/edits back as events, as Slack does
+    agent: bool = False  # the app is declared an agent (agents.sessions.* allowed)
+    agent_stop_subscribed: bool = True  # subscribed to agent_session_stopped
     # method → (calls, seconds) allowed to the workspace (Slack's tiers: chat.update is Tier 3,
     # "50+ per minute"); past it, 429 with Retry-After in whole seconds, as Slack answers
     tiers: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -268,6 +271,19 @@ class FakeSlack:
                 return {"ok": True, "channel": found.channel, "ts": found.ts}
             case "assistant.threads.setStatus":
                 return {"ok": True}
+            case "agents.sessions.setStatus":
+                # only apps declared as agents; a thread session needs its thread_ts
+                if not self.agent:
+                    return {"ok": False, "error": "not_allowed_token_type"}
+                status = str(params.get("status", ""))
+                if status not in ("processing", "active", "suspended", "closed"):
+                    return {"ok": False, "error": "invalid_arguments"}
+                if not params.get("channel_id") or not params.get("thread_ts"):
+                    return {"ok": False, "error": "invalid_arguments"}
+                answer: dict[str, Any] = {"ok": True, "status": status}
+                if not self.agent_stop_subscribed:
+                    answer["warning"] = "missing_agent_session_stopped_event_subscription"
+                return answer
             case "users.info":
                 user = str(params.get("user", ""))
                 if user not in self.users:
@@ -411,6 +427,18 @@ class FakeSlack:
             return web.Response(body=page, content_type="text/html")
         data, mimetype = self.files[file_id]
         return web.Response(body=data, headers={"Content-Type": mimetype})
+
+    def session_stopped(self, thread_ts: str, *, user: str = "U0ALICE") -> dict[str, Any]:
+        """The `agent_session_stopped` event: someone pressed Slack's own Stop in a thread."""
+        streaming = [m.ts for m in self.thread(CHANNEL_GENERAL, thread_ts) if m.streaming]
+        return {
+            "type": "agent_session_stopped",
+            "channel": CHANNEL_GENERAL,
+            "thread_ts": thread_ts,
+            "user": user,
+            "streaming_message_ts": streaming,
+            "event_ts": self._next_ts(),
+        }
 
     def user_message(
         self,
