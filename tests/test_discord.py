@@ -1022,3 +1022,30 @@ async def test_a_finished_reply_offers_regenerate_and_votes_on_any_replica(
     assert [e.role for e in history] == ["user", "assistant"]  # replaced, not appended
     assert 'parley_feedback_total{model="llama3.2:latest",vote="up"} 1.0' in metrics
     assert 'parley_feedback_total{model="llama3.2:latest",vote="down"} 1.0' in metrics
+
+
+async def test_slash_prompt_sets_the_channels_system_prompt(
+    bot: DiscordAdapter, fake: FakeDiscord, model_server: FakeModelServer, alice: Json
+) -> None:
+    iid = await fake.slash(alice, "prompt", {"text": "Answer like a pirate."})
+    [answer] = await fake.wait_for(lambda f: f.interaction_replies(iid))
+    await fake.say(alice, f"{mention(fake)} hello")
+    await fake.wait_for(final("You said: hello"))
+    assert answer.startswith("This channel's prompt is now")
+    system = model_server.chat_requests[-1]["messages"][0]
+    assert system == {"role": "system", "content": "Answer like a pirate."}
+
+
+async def test_another_bots_message_is_ignored_unless_bots_are_allowed(
+    redis_url: str, model_server: FakeModelServer, fake: FakeDiscord
+) -> None:
+    other = fake.add_user("otherbot", bot=True)
+    async with running_discord(discord_settings(redis_url, model_server, fake)):
+        await fake.say(other, f"{mention(fake)} ping")
+        await fake.say(fake.add_user("carol"), f"{mention(fake)} hi")
+        await fake.wait_for(final("You said: hi"))
+    assert len(model_server.chat_requests) == 1  # the person's only
+    settings = discord_settings(redis_url, model_server, fake, allow_bots=True)
+    async with running_discord(settings):
+        await fake.say(other, f"{mention(fake)} ping again")
+        await fake.wait_for(final("You said: ping again"))

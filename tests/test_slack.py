@@ -950,3 +950,28 @@ async def test_as_an_agent_a_reply_runs_in_a_session_that_slacks_own_stop_ends(
     assert [c.params["status"] for c in slack.calls_to("agents.sessions.setStatus")][-1] == (
         "active"
     )
+
+
+async def test_another_bots_mention_is_ignored_unless_bots_are_allowed(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    def from_a_bot(text: str) -> dict[str, Any]:
+        event = slack.user_message(f"<@{BOT_USER_ID}> {text}", event_type="app_mention")
+        return {
+            **event,
+            "user": "U0OTHERBOT",
+            "bot_id": "B0OTHER",
+            "bot_profile": {"id": "B0OTHER"},
+        }
+
+    async with slack_bot(slack, model_server, redis_url, "socket") as bot:
+        ignored = from_a_bot("ping")
+        await send_event(slack, bot, ignored)
+        person = slack.user_message(f"<@{BOT_USER_ID}> hi", event_type="app_mention")
+        await send_event(slack, bot, person)
+        await reply_in_thread(slack, person["ts"], "You said: hi")
+    assert slack.thread(CHANNEL, ignored["ts"]) == []
+    async with slack_bot(slack, model_server, redis_url, "socket", allow_bots=True) as bot:
+        answered = from_a_bot("ping again")
+        await send_event(slack, bot, answered)
+        await reply_in_thread(slack, answered["ts"], "You said: ping again")
