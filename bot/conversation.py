@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from bot.access import NOT_ALLOWED
 from bot.attachments import Limits, prepare
-from bot.backends.base import Image, Message
+from bot.backends.base import Image, Message, Options
 from bot.commands import CommandReply, Commands, parse_text_command
 from bot.errors import (
     BackendError,
@@ -30,8 +30,9 @@ from bot.errors import (
     describe,
 )
 from bot.logs import turn_id
-from bot.markdown import clean_text
+from bot.markdown import clean_text, cut_short
 from bot.metrics import Metrics
+from bot.options import plan
 from bot.prompt import build_messages
 from bot.ratelimit import EditBudgets, Limiter, TokenBudget
 from bot.router import Generation, Router
@@ -410,11 +411,12 @@ class Conversation:
                 model = start.prefs.model or await self._default_model()
                 model, images = await self._read_attachments(turn, model, start, asked, renderer)
                 renderer.before_final = self._reply_recorder(start, model)
+                asking = plan(model, self.settings, await self.router.profile(model))
                 messages = build_messages(
                     system=start.prefs.system_prompt or self.settings.system_prompt,
                     history=list(start.history),
                     turn=asked.entry,
-                    budget_tokens=self.settings.context_tokens - self.settings.reply_reserve_tokens,
+                    budget_tokens=asking.prompt_tokens,
                     images=images,
                 )
             except ParleyError as e:
@@ -422,7 +424,7 @@ class Conversation:
                 result = await self._failed(renderer, e)
             else:
                 result = await self._generate(
-                    turn, model, messages, renderer, stop, started, posting
+                    turn, model, messages, asking.options, renderer, stop, started, posting
                 )
         except asyncio.CancelledError:
             await asyncio.gather(asyncio.shield(posting), return_exceptions=True)
@@ -503,6 +505,7 @@ class Conversation:
         turn: Turn,
         model: str,
         messages: list[Message],
+        options: Options,
         renderer: Renderer,
         stop: asyncio.Event,
         started: float,
@@ -512,7 +515,7 @@ class Conversation:
         served: list[Generation] = []
 
         async def pump() -> None:
-            generation = await self.router.open(model, messages)
+            generation = await self.router.open(model, messages, options)
             served.append(generation)
             self.metrics.first_token.observe(time.monotonic() - started)
             async for chunk in generation:
@@ -543,6 +546,8 @@ class Conversation:
             log.exception("the model stream failed unexpectedly")
             return await self._failed(renderer, e)
         (generation,) = served
+        if renderer.done is not None and renderer.done.reason == "length":
+            renderer.notes.append(cut_short(options.num_predict))
         footer = f"_— {generation.model} via {generation.backend}_"
         result = await renderer.finish(
             Status.COMPLETE, footer=footer if self.settings.show_model_footer else None

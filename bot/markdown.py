@@ -11,6 +11,22 @@ THINKING = "💭 _Thinking…_"
 CURSOR = " ▍"
 EMPTY_ANSWER = "_The model returned an empty answer._"
 STOPPED = "_⏹ Stopped._"
+THINKING_SHOWN_AFTER = 5.0  # seconds of thinking before the placeholder counts them
+
+
+def thinking_for(seconds: float) -> str:
+    """The thinking placeholder once the model has reasoned a while: how long, in whole
+    seconds (minutes past two)."""
+    whole = int(seconds)
+    shown = f"{whole} s" if whole < 120 else f"{whole // 60} min"
+    return f"💭 _Thinking… ({shown})_"
+
+
+def cut_short(tokens: int | None) -> str:
+    """The line a reply ends with when it stopped at its length cap."""
+    cap = f" of {tokens:,} tokens" if tokens else ""
+    return f"✂️ _Cut short at the reply limit{cap}. Say “continue” for the rest._"
+
 
 # NUL and the other C0/C1 control characters but tab and line feed; and lone surrogates, which
 # JSON can carry (`"\ud800"`) but no UTF-8 encoder takes

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from bot.backends.base import Backend, Chunk, Message, Timeouts
+from bot.backends.base import NO_OPTIONS, Backend, Chunk, Message, ModelInfo, Options, Timeouts
 from bot.backends.ollama import OllamaBackend
 from bot.backends.openai import OpenAIBackend
 from bot.errors import BackendError, BackendTimeout, BackendUnreachable
@@ -105,7 +105,7 @@ class Router:
         self._refresh = asyncio.Lock()
         self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
         self.vision_globs = vision_globs  # models of non-Ollama backends that see images
-        self._sight: dict[tuple[str, str], tuple[bool, float]] = {}  # → (sees, until)
+        self._profiles: dict[tuple[str, str], tuple[ModelInfo, float]] = {}  # → (info, until)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, ttl: float | None = None) -> Router:
@@ -159,25 +159,31 @@ class Router:
             return model
         return None
 
-    async def sees_images(self, model: str) -> bool:
-        """Whether `model` takes images: an Ollama says so (/api/show `capabilities`); for other
-        servers the operator's globs do (PARLEY_VISION_MODELS). Cached like the catalog."""
+    async def profile(self, model: str) -> ModelInfo:
+        """What `model` can do and how much it reads, from the backend that would answer it: an
+        Ollama says (/api/show); for other servers the operator's globs say which see images
+        (PARLEY_VISION_MODELS). Cached like the catalog, for at least five minutes; an answer
+        that could not be had is not cached (asked again next time)."""
         backend, name = (await self.candidates(model))[0]
-        cached = self._sight.get((backend.name, name))
+        cached = self._profiles.get((backend.name, name))
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
         if isinstance(backend, OllamaBackend):
             try:
-                sees = "vision" in await backend.capabilities(name)
-            except BackendError as e:  # unknown for now: not cached, asked again next time
-                log.warning(
-                    "backend %s: cannot tell whether %s sees images: %s", backend.name, name, e
-                )
-                return False
+                info = await backend.show(name)
+            except BackendError as e:
+                log.warning("backend %s: cannot tell what %s can do: %s", backend.name, name, e)
+                return ModelInfo()
         else:
             sees = any(fnmatch.fnmatchcase(name, glob) for glob in self.vision_globs)
-        self._sight[(backend.name, name)] = (sees, time.monotonic() + max(self.catalog_ttl, 300))
-        return sees
+            info = ModelInfo(frozenset({"completion", "vision"} if sees else {"completion"}))
+        until = time.monotonic() + max(self.catalog_ttl, 300)
+        self._profiles[(backend.name, name)] = (info, until)
+        return info
+
+    async def sees_images(self, model: str) -> bool:
+        """Whether `model` takes images (`vision` in its profile)."""
+        return "vision" in (await self.profile(model)).capabilities
 
     async def vision_models(self) -> list[str]:
         """The catalog's models that take images."""
@@ -209,13 +215,15 @@ class Router:
                 return [(local[0], model)]
         return [(self.backends[self.order[0]], model)]
 
-    async def open(self, model: str, messages: list[Message]) -> Generation:
+    async def open(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> Generation:
         """Start a generation, failing over while a backend is unreachable before output."""
         failure: BackendError | None = None
         for backend, name in await self.candidates(model):
             slot = self._slots[backend.name]
             await slot.acquire()
-            chunks = backend.chat(name, messages)
+            chunks = backend.chat(name, messages, options)
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:

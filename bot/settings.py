@@ -74,6 +74,40 @@ class BackendConfig(BaseModel):
         return value.rstrip("/")
 
 
+ThinkLevel = Literal["low", "medium", "high", "max"]
+_DURATION = re.compile(r"0|[-+]?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+")  # Go's time.ParseDuration
+
+
+class ModelOptions(BaseModel):
+    """How one model (or a glob of them) answers: PARLEY_MODEL_OPTIONS' values. Ollama takes
+    them as `options`, `keep_alive` and `think`; the OpenAI kind as its own fields."""
+
+    model_config = {"extra": "forbid"}
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    num_ctx: int | None = Field(default=None, ge=256)
+    num_predict: int | None = Field(default=None, ge=1)
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+    think: bool | ThinkLevel | None = None
+    keep_alive: int | str | None = None
+
+    @field_validator("think", mode="before")
+    @classmethod
+    def _think(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool) or value in ("low", "medium", "high", "max"):
+            return value
+        raise ValueError("must be true, false, or a level: low, medium, high, max")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and not _DURATION.fullmatch(value):
+            raise ValueError(f"{value[:20]!r} is not seconds or a duration like '10m' or '-1s'")
+        return value
+
+
 class RateLimit(BaseModel):
     """A request rate such as 10/minute (the `limits` library's notation)."""
 
@@ -126,6 +160,9 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(default=5.0, gt=0)
     first_token_timeout: float = Field(default=300.0, gt=0)  # models load on first use
     idle_timeout: float = Field(default=60.0, gt=0)
+    # model name or glob → options; every entry that matches applies, a later one over an earlier
+    model_options: Annotated[dict[str, ModelOptions], NoDecode] = Field(default_factory=dict)
+    think: Literal["off", "on", "low", "medium", "high", "max"] | None = None  # thinking models
 
     # --- state ---
     redis_url: SecretStr | None = None  # may carry a password
@@ -214,6 +251,20 @@ class Settings(BaseSettings):
                 return json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
+        return value
+
+    @field_validator("model_options", mode="before")
+    @classmethod
+    def _model_options(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
+            if not isinstance(value, dict):
+                raise ValueError('must be a JSON object, like {"qwen3*": {"temperature": 0.6}}')
         return value
 
     @field_validator("rate_limit", "token_budget", mode="before")
@@ -342,6 +393,8 @@ def describe_validation_error(error: ValidationError) -> str:
     env = _FIELD_ENV.get(field, f"PARLEY_{field.upper()}") if field else "settings"
     where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
     message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden" and field == "model_options":
+        message = f"not an option (options are {', '.join(ModelOptions.model_fields)})"
     if message.startswith("PARLEY_"):
         return f"invalid setting {message}"
     return f"invalid setting {env}{where}: {message}"

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from bot.backends.base import Chunk, Content, Done, Thinking
-from bot.markdown import CURSOR, EMPTY_ANSWER, STOPPED, split_first
+from bot.markdown import (
+    CURSOR,
+    EMPTY_ANSWER,
+    STOPPED,
+    THINKING_SHOWN_AFTER,
+    split_first,
+    thinking_for,
+)
 from bot.ratelimit import EditBudgets
 from bot.state import REDIS_DOWN
 from bot.turn import EditBudget, Frame, MessageRef, Phase, PlatformRateLimited, ReplySink
@@ -28,6 +35,7 @@ from bot.turn import EditBudget, Frame, MessageRef, Phase, PlatformRateLimited, 
 log = logging.getLogger(__name__)
 
 WAITING_REPEAT = 8.0  # Discord's typing indicator lasts 10 s
+THINKING_TICK = 10.0  # seconds between two showings of how long the model has been thinking
 FINAL_RETRY_BUDGET = 300.0  # give up retrying the last edit after this many seconds of 429s
 
 
@@ -71,6 +79,8 @@ class Renderer:
     posts: int = 0
     rate_limited: int = 0
     first_visible_at: float | None = None
+    _thinking_since: float | None = None  # clock time of the first thinking chunk
+    _thinking_shown: str = ""  # the thinking placeholder's text ("": the plain one)
     _body: str = ""  # the current page's text (may start with a reopened fence)
     _pages: list[_Page] = field(default_factory=list)
     _next_at: float = 0.0  # no streaming edit before this (cadence, our budget)
@@ -109,7 +119,11 @@ class Renderer:
             was_thinking = bool(self.thinking)
             self.thinking += chunk.text
             if was_thinking:
-                return  # the thinking placeholder is already showing
+                return  # the thinking placeholder is already showing (the waiting loop counts)
+            self._thinking_since = self.clock()
+            if self._waiting is not None and not self._waiting.done():
+                self._waiting.cancel()  # again at once, as thinking, counting from now
+                self._waiting = asyncio.create_task(self._waiting_loop())
         elif isinstance(chunk, Done):
             self.done = chunk
             return
@@ -176,15 +190,32 @@ class Renderer:
             if self.text:
                 await self._flush(self._body)
             elif self.thinking:
-                await self._show(self._pages[-1], Frame(Phase.THINKING))
+                await self._show(self._pages[-1], Frame(Phase.THINKING, self._thinking_shown))
 
     async def _waiting_loop(self) -> None:
+        """Until the answer's text comes: the platform's waiting indicator, repeated; and once
+        the model has thought a few seconds, how long, every THINKING_TICK seconds."""
+        indicate_at = self.clock()
         while not self.text:
-            try:
-                await self.sink.show_waiting("thinking" if self.thinking else "loading")
-            except Exception as e:  # an indicator is a nicety, never a reason to fail
-                log.debug("show_waiting failed: %s", e)
-            await asyncio.sleep(WAITING_REPEAT)
+            now = self.clock()
+            if now >= indicate_at:
+                try:
+                    await self.sink.show_waiting("thinking" if self.thinking else "loading")
+                except Exception as e:  # an indicator is a nicety, never a reason to fail
+                    log.debug("show_waiting failed: %s", e)
+                indicate_at = now + WAITING_REPEAT
+            wake = indicate_at
+            if self._thinking_since is not None:
+                thought = now - self._thinking_since
+                ticks = (thought - THINKING_SHOWN_AFTER) // THINKING_TICK  # -1: none yet
+                if ticks >= 0:  # it counts in whole ticks: one edit each
+                    shown = thinking_for(THINKING_SHOWN_AFTER + ticks * THINKING_TICK)
+                    if shown != self._thinking_shown:
+                        self._thinking_shown = shown
+                        self._dirty.set()
+                next_tick = THINKING_SHOWN_AFTER + (max(ticks, -1) + 1) * THINKING_TICK
+                wake = min(wake, self._thinking_since + next_tick)
+            await asyncio.sleep(max(0.05, wake - self.clock()))
 
     async def _flush(self, body: str, *, ending: Frame | None = None) -> None:
         """Show `body` on the current page, spilling finished pages into new messages;

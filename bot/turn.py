@@ -118,7 +118,7 @@ class Frame:
     """
 
     phase: Phase
-    body: str = ""  # the message's Markdown: the model's text (on this page)
+    body: str = ""  # the message's Markdown: the model's text on this page (THINKING: for how long)
     notice: str = ""  # final frames: a closing line (what went wrong, stopped, a footer)
     controls: bool = False  # the reply's last message, final: it carries Regenerate, 👍 and 👎
 
@@ -133,7 +133,7 @@ class Frame:
             case Phase.PLACEHOLDER:
                 return PLACEHOLDER
             case Phase.THINKING:
-                return THINKING
+                return self.body or THINKING  # the body: how long it has been thinking
             case Phase.STREAMING:
                 return in_progress(self.body)
         if self.body and self.notice:

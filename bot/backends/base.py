@@ -78,6 +78,36 @@ class Message:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What a model can do and how much it reads: an Ollama's /api/show `capabilities`
+    (`vision`, `tools`, `thinking`, …) and its trained context length (None: not said)."""
+
+    capabilities: frozenset[str] = frozenset({"completion"})
+    context_length: int | None = None
+
+
+Think = bool | str  # off / on, or a level: low | medium | high | max
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a model is to answer: Ollama's `options`, `keep_alive` and `think`, which the OpenAI
+    kind sends as its own fields (bot/options.py decides them; None: the server's default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    num_ctx: int | None = None  # the context window (Ollama; the OpenAI API cannot set it)
+    num_predict: int | None = None  # the reply's cap in tokens (OpenAI: max_tokens)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    think: Think | None = None  # OpenAI: reasoning_effort
+    keep_alive: int | str | None = None  # Ollama: seconds, or a Go duration ("10m", "-1")
+
+
+NO_OPTIONS = Options()
+
+
+@dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
     first_chunk: float = 300.0  # a model may need minutes to load
@@ -88,7 +118,9 @@ class Backend(Protocol):
     name: str
     config: BackendConfig
 
-    def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
+    def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
         """Stream a reply. Leaving the iterator early closes the connection (stops generation)."""
         ...
 

@@ -10,10 +10,13 @@ from typing import Any
 import httpx
 
 from bot.backends.base import (
+    NO_OPTIONS,
     Chunk,
     Content,
     Done,
     Message,
+    ModelInfo,
+    Options,
     Thinking,
     Timeouts,
     count,
@@ -30,9 +33,12 @@ from bot.markdown import clean_text
 from bot.settings import BackendConfig
 
 
-def request_body(model: str, messages: list[Message]) -> dict[str, Any]:
-    """An /api/chat request that streams; images as plain base64 (Ollama refuses data URLs)."""
-    return {
+def request_body(
+    model: str, messages: list[Message], options: Options = NO_OPTIONS
+) -> dict[str, Any]:
+    """An /api/chat request that streams; images as plain base64 (Ollama refuses data URLs);
+    the options Parley sets, and only those (an unset one is the model's own default)."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": [
             {"role": m.role, "content": m.content, "images": [i.data for i in m.images]}
@@ -42,6 +48,21 @@ def request_body(model: str, messages: list[Message]) -> dict[str, Any]:
         ],
         "stream": True,
     }
+    sampling = {
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "num_ctx": options.num_ctx,
+        "num_predict": options.num_predict,
+        "stop": list(options.stop) or None,
+        "seed": options.seed,
+    }
+    if chosen := {k: v for k, v in sampling.items() if v is not None}:
+        body["options"] = chosen
+    if options.keep_alive is not None:
+        body["keep_alive"] = options.keep_alive
+    if options.think is not None:
+        body["think"] = options.think
+    return body
 
 
 def chunks_of(data: Any, backend: str) -> list[Chunk]:
@@ -82,8 +103,11 @@ class OllamaBackend:
         self.timeouts = timeouts or Timeouts()
         self.client = make_client(config, self.timeouts)
 
-    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
-        request = self.client.build_request("POST", "/api/chat", json=request_body(model, messages))
+    async def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
+        body = request_body(model, messages, options)
+        request = self.client.build_request("POST", "/api/chat", json=body)
         response = await open_stream(
             self.client, request, self.name, model, within=self.timeouts.first_chunk
         )
@@ -126,9 +150,10 @@ class OllamaBackend:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise BackendError(self.name, "unexpected /api/tags answer") from None
 
-    async def capabilities(self, model: str) -> frozenset[str]:
-        """What the model can do, as /api/show says (`vision` for images); an Ollama too old to
-        list capabilities is read from the model's families (a CLIP projector sees)."""
+    async def show(self, model: str) -> ModelInfo:
+        """What the model can do, as /api/show says (`vision` for images, `tools`, `thinking`),
+        and its context length (`<architecture>.context_length` in model_info). An Ollama too
+        old to list capabilities is read from the model's families (a CLIP projector sees)."""
         try:
             response = await self.client.post(
                 "/api/show", json={"model": model}, timeout=self.timeouts.connect * 2
@@ -144,15 +169,27 @@ class OllamaBackend:
                 response.headers,
             )
         try:
-            data = response.json()
-            found = data.get("capabilities")
-            if isinstance(found, list):
-                return frozenset(str(c) for c in found)
-            families = (data.get("details") or {}).get("families") or []
-            seeing = any(f in ("clip", "mllama") for f in families) or "projector_info" in data
-            return frozenset({"completion", "vision"} if seeing else {"completion"})
+            return model_info(response.json())
         except (ValueError, AttributeError, TypeError):
             raise BackendError(self.name, "unexpected /api/show answer") from None
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def model_info(data: Any) -> ModelInfo:
+    """An /api/show answer read (ValueError, AttributeError or TypeError if not one)."""
+    found = data.get("capabilities")
+    if isinstance(found, list):
+        capabilities = frozenset(str(c) for c in found)
+    else:
+        families = (data.get("details") or {}).get("families") or []
+        seeing = any(f in ("clip", "mllama") for f in families) or "projector_info" in data
+        capabilities = frozenset({"completion", "vision"} if seeing else {"completion"})
+    info = data.get("model_info") or {}
+    architecture = info.get("general.architecture")
+    length = info.get(f"{architecture}.context_length")
+    if length is None:  # an architecture not named: any context_length it lists
+        length = next((v for k, v in info.items() if str(k).endswith(".context_length")), None)
+    context = count(length) if isinstance(length, int | float) else 0
+    return ModelInfo(capabilities, context if context >= 256 else None)

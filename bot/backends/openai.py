@@ -10,10 +10,12 @@ from typing import Any
 import httpx
 
 from bot.backends.base import (
+    NO_OPTIONS,
     Chunk,
     Content,
     Done,
     Message,
+    Options,
     Thinking,
     Timeouts,
     count,
@@ -39,13 +41,10 @@ class OpenAIBackend:
         # A base URL may or may not already end in /v1 (https://api.example.com/v1 is common).
         self.prefix = "" if config.url.rstrip("/").endswith("/v1") else "/v1"
 
-    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
-        body = {
-            "model": model,
-            "messages": [_message(m) for m in messages],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    async def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
+        body = request_body(model, messages, options)
         request = self.client.build_request("POST", f"{self.prefix}/chat/completions", json=body)
         response = await open_stream(
             self.client, request, self.name, model, within=self.timeouts.first_chunk
@@ -111,6 +110,38 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def request_body(
+    model: str, messages: list[Message], options: Options = NO_OPTIONS
+) -> dict[str, Any]:
+    """A /chat/completions request that streams with usage; Ollama's options in OpenAI's names
+    (`num_ctx` and `keep_alive` have none: the server decides them)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [_message(m) for m in messages],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chosen = {
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "max_tokens": options.num_predict,
+        "stop": list(options.stop) or None,
+        "seed": options.seed,
+        "reasoning_effort": reasoning_effort(options.think),
+    }
+    body.update({k: v for k, v in chosen.items() if v is not None})
+    return body
+
+
+def reasoning_effort(think: bool | str | None) -> str | None:
+    """`think` as OpenAI's reasoning_effort: off is "none", on is "medium", a level as is."""
+    if think is None:
+        return None
+    if isinstance(think, bool):
+        return "medium" if think else "none"
+    return think
 
 
 def _message(message: Message) -> dict[str, Any]:

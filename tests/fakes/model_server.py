@@ -275,6 +275,23 @@ def openai_images(messages: list[Any]) -> list[str] | str:
     return found
 
 
+def _cap(value: Any) -> int | None:
+    """num_predict / max_tokens as the server takes it: a positive count, else no cap (Ollama's
+    -1 and -2 mean "until done" and "fill the context")."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _unsupported(model: str, *, think: Any, tools: Any) -> str | None:
+    """Why Ollama refuses a request the model cannot serve: tools offered to a model without
+    the `tools` capability, thinking asked of one without `thinking` (`think: false` is fine)."""
+    capabilities = _model_meta(model)[5]
+    if tools and "tools" not in capabilities:
+        return f"registry.ollama.ai/library/{_normalize(model)} does not support tools"
+    if think not in (None, False) and "thinking" not in capabilities:
+        return f'"{model}" does not support thinking'
+    return None
+
+
 def _native_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """`{"error": "..."}` as gin's c.JSON writes it."""
     return web.Response(
@@ -340,8 +357,11 @@ class _Run:
         openai: bool,
         stream: bool,
         include_usage: bool,
+        cap: int | None = None,
     ) -> None:
         self.server = server
+        self.cap = cap  # num_predict / max_tokens: at most this many tokens (pieces) generated
+        self.cut = False  # the cap ended the generation: done_reason / finish_reason "length"
         self.request = request
         self.script = script
         self.model = model
@@ -404,6 +424,8 @@ class _Run:
             return self._error_response(script.status, script.error)
 
         pieces = [("thinking", t) for t in script.thinking] + [("content", t) for t in self.tokens]
+        if self.cap is not None and len(pieces) > self.cap:  # thinking counts towards the cap
+            pieces, self.cut = pieces[: self.cap], True
         fail_at: int | None = None
         if script.fail_after is not None:
             # Fewer tokens than fail_after: the stream fails where it would have finished.
@@ -544,7 +566,7 @@ class _Run:
 
     async def _finish(self) -> web.StreamResponse:
         metrics = self._metrics()
-        done_reason = self.script.done_reason
+        done_reason = "length" if self.cut else self.script.done_reason
         if self.openai:
             return await self._finish_openai(metrics, done_reason or "stop")
         if self.stream:
@@ -765,6 +787,7 @@ class FakeModelServer:
         openai: bool,
         stream: bool,
         include_usage: bool = False,
+        cap: int | None = None,
     ) -> web.StreamResponse:
         script = self._next_script()
         self.in_flight += 1
@@ -778,6 +801,7 @@ class FakeModelServer:
             openai=openai,
             stream=stream,
             include_usage=include_usage,
+            cap=cap,
         )
         task = asyncio.current_task()
         if task is not None:
@@ -875,6 +899,8 @@ class FakeModelServer:
             return _native_error(400, "top_logprobs must be between 0 and 20")
         if not self._has_model(model):
             return _native_error(404, f"model '{model}' not found")
+        if refusal := _unsupported(model, think=think, tools=data.get("tools")):
+            return _native_error(400, refusal)
         messages: list[Any] = data.get("messages") or []
         if not messages:
             # Load (or, with keep_alive 0, unload) the model; one c.JSON object, no script.
@@ -898,7 +924,11 @@ class FakeModelServer:
         if images and "vision" not in _model_meta(model)[5]:
             return _native_error(400, NO_VISION)
         self.images_seen.append(images)
-        return await self._generate(request, model, messages, openai=False, stream=stream)
+        options = data.get("options")
+        cap = options.get("num_predict") if isinstance(options, dict) else None
+        return await self._generate(
+            request, model, messages, openai=False, stream=stream, cap=_cap(cap)
+        )
 
     async def _api_show(self, request: web.Request) -> web.StreamResponse:
         data = await self._read_native_body(request, "api.ShowRequest")
@@ -953,6 +983,10 @@ class FakeModelServer:
             return _openai_error(400, "model is required")
         if not self._has_model(model):
             return _openai_error(404, f'model "{model}" not found, try pulling it first')
+        effort = data.get("reasoning_effort")
+        think = effort not in ("none", None)
+        if refusal := _unsupported(model, think=think, tools=data.get("tools")):
+            return _openai_error(400, refusal)
         stream = data.get("stream") is True  # defaults to false here
         images = openai_images(messages)
         if isinstance(images, str):
@@ -962,8 +996,15 @@ class FakeModelServer:
         self.images_seen.append(images)
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        cap = data.get("max_completion_tokens") or data.get("max_tokens")
         return await self._generate(
-            request, model, messages, openai=True, stream=stream, include_usage=include_usage
+            request,
+            model,
+            messages,
+            openai=True,
+            stream=stream,
+            include_usage=include_usage,
+            cap=_cap(cap),
         )
 
     async def _v1_models(self, request: web.Request) -> web.StreamResponse:
