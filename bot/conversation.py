@@ -33,7 +33,7 @@ from bot.logs import turn_id
 from bot.markdown import clean_text, cut_short
 from bot.metrics import Metrics
 from bot.options import plan
-from bot.prompt import build_messages
+from bot.prompt import CHARS_PER_TOKEN, build_messages, measure
 from bot.ratelimit import EditBudgets, Limiter, TokenBudget
 from bot.router import Generation, Router
 from bot.settings import Settings
@@ -411,13 +411,17 @@ class Conversation:
                 model = start.prefs.model or await self._default_model()
                 model, images = await self._read_attachments(turn, model, start, asked, renderer)
                 renderer.before_final = self._reply_recorder(start, model)
-                asking = plan(model, self.settings, await self.router.profile(model))
+                profile, rate = await asyncio.gather(
+                    self.router.profile(model), self._chars_per_token(model)
+                )
+                asking = plan(model, self.settings, profile)
                 messages = build_messages(
                     system=start.prefs.system_prompt or self.settings.system_prompt,
                     history=list(start.history),
                     turn=asked.entry,
                     budget_tokens=asking.prompt_tokens,
                     images=images,
+                    chars_per_token=rate,
                 )
             except ParleyError as e:
                 await posting
@@ -472,6 +476,24 @@ class Conversation:
                 )
             except REDIS_DOWN as e:
                 log.error("redis unavailable: the reply's tokens are not counted: %s", _reason(e))
+
+    async def _chars_per_token(self, model: str) -> float:
+        """`model`'s measured characters per token, else the cautious guess."""
+        try:
+            return await self.state.chars_per_token(model) or CHARS_PER_TOKEN
+        except REDIS_DOWN as e:
+            log.warning("redis unavailable: history is packed by the rough count: %s", _reason(e))
+            return CHARS_PER_TOKEN
+
+    async def _calibrate(self, model: str, messages: list[Message], prompt_tokens: int) -> None:
+        """Learn `model`'s characters per token from what its backend counted for a prompt."""
+        measured = measure(messages, prompt_tokens)
+        if measured is None:
+            return
+        try:
+            await self.state.calibrate(model, measured)
+        except REDIS_DOWN as e:
+            log.warning("redis unavailable: a token count is not learnt from: %s", _reason(e))
 
     async def _read_attachments(
         self, turn: Turn, model: str, start: TurnStart, asked: _Asked, renderer: Renderer
@@ -553,6 +575,8 @@ class Conversation:
             Status.COMPLETE, footer=footer if self.settings.show_model_footer else None
         )
         await self._spend(turn, result, generation.model, generation.backend)
+        if result.done is not None:
+            await self._calibrate(model, messages, result.done.prompt_tokens)
         return result
 
     async def _failed(self, renderer: Renderer, error: Exception) -> RenderResult:

@@ -7,13 +7,27 @@ from collections.abc import Mapping
 from bot.backends.base import Image, Message
 from bot.state import HistoryEntry
 
-CHARS_PER_TOKEN = 4  # a rough, model-independent estimate; errs towards sending less
-PER_MESSAGE_TOKENS = 4
+CHARS_PER_TOKEN = 4.0  # until a model's own is measured: rough, errs towards sending less
+PER_MESSAGE_TOKENS = 4  # a chat template's role markers around each message
 IMAGE_TOKENS = 800  # what an image of ≤ 1,568 px costs a vision model, roughly
+MEASURED_RANGE = (1.5, 8.0)  # characters per token a measurement may say (CJK ~1.5, code ~3)
+MEASURE_FROM_CHARS = 200  # shorter prompts say too little (template tokens dominate)
 
 
-def estimate_tokens(text: str) -> int:
-    return len(text) // CHARS_PER_TOKEN + PER_MESSAGE_TOKENS
+def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    return int(len(text) / chars_per_token) + PER_MESSAGE_TOKENS
+
+
+def measure(messages: list[Message], prompt_tokens: int) -> float | None:
+    """Characters per token, from what a backend counted for a prompt (`prompt_eval_count`,
+    `usage.prompt_tokens`); None when the prompt says too little: short, with images (their
+    tokens are not characters), or counted as nothing (an old Ollama omits a cached prompt)."""
+    chars = sum(len(m.content) for m in messages)
+    text_tokens = prompt_tokens - PER_MESSAGE_TOKENS * len(messages)
+    if chars < MEASURE_FROM_CHARS or text_tokens <= 0 or any(m.images for m in messages):
+        return None
+    low, high = MEASURED_RANGE
+    return min(high, max(low, chars / text_tokens))
 
 
 def speaker_content(entry: HistoryEntry, several_people: bool) -> str:
@@ -30,12 +44,14 @@ def build_messages(
     turn: HistoryEntry,
     budget_tokens: int,
     images: Mapping[str, Image] | None = None,
+    chars_per_token: float = CHARS_PER_TOKEN,
 ) -> list[Message]:
     """System prompt + the newest history that fits the budget + the new turn.
 
     The system prompt and the new turn are always kept; older entries go first, whole. With
     `images` (the thread's, by id; for a model that sees) each message carries its images, at
-    IMAGE_TOKENS each; without, a model that cannot see gets the text alone.
+    IMAGE_TOKENS each; without, a model that cannot see gets the text alone. Text is counted
+    at `chars_per_token` (the model's measured rate, else a cautious guess).
     """
     people = {e.user_id or e.user_name for e in [*history, turn] if e.role == "user"}
     several = len(people) > 1
@@ -44,12 +60,11 @@ def build_messages(
     def message(entry: HistoryEntry) -> tuple[Message, int]:
         content = speaker_content(entry, several)
         pictures = tuple(found[i] for i in entry.images if i in found)
-        return Message(entry.role, content, pictures), estimate_tokens(
-            content
-        ) + IMAGE_TOKENS * len(pictures)
+        cost = estimate_tokens(content, chars_per_token) + IMAGE_TOKENS * len(pictures)
+        return Message(entry.role, content, pictures), cost
 
     newest, used = message(turn)
-    used += estimate_tokens(system)
+    used += estimate_tokens(system, chars_per_token)
     kept: list[Message] = []
     for entry in reversed(history):
         said, cost = message(entry)

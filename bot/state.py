@@ -76,6 +76,18 @@ return #ids - first + 1
 """
 
 # Delete a lock only if it still holds our token (it may have expired and been taken since).
+CALIBRATION_WEIGHT = 0.2  # how much one prompt's measurement moves a model's average
+
+# KEYS[1] calibration hash; ARGV model, measurement, weight → the new average
+CALIBRATE = """
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+local new = tonumber(ARGV[2])
+if old then new = old + (new - old) * tonumber(ARGV[3]) end
+local text = string.format('%.4f', new)
+redis.call('HSET', KEYS[1], ARGV[1], text)
+return text
+"""
+
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -167,6 +179,7 @@ class State:
         self.thread_images = thread_images
         self.thread_image_bytes = thread_image_bytes
         self._release = redis.register_script(RELEASE_LOCK)
+        self._calibrate = redis.register_script(CALIBRATE)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -409,6 +422,26 @@ class State:
                 )
             if len(pipe):
                 await pipe.execute()
+
+    # --- token counts: each model's characters per token, from what its backend counted ---
+    def _calibration_key(self) -> str:
+        return f"{self.prefix}calib"
+
+    async def chars_per_token(self, model: str) -> float | None:
+        """What `model`'s prompts measured, in characters per token (None: not yet)."""
+        raw = await self.redis.hget(self._calibration_key(), model)
+        try:
+            return None if raw is None else float(_text(raw))
+        except ValueError:
+            return None
+
+    async def calibrate(self, model: str, measured: float) -> float:
+        """Fold one measurement into `model`'s characters per token (a moving average, in one
+        script: replicas measuring at once both count); the new value."""
+        raw = await self._calibrate(
+            keys=[self._calibration_key()], args=[model, repr(measured), CALIBRATION_WEIGHT]
+        )
+        return float(_text(raw))
 
     # --- finished replies: their buttons (Regenerate, 👍, 👎) ---
     def _reply_key(self, token: str) -> str:

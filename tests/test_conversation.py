@@ -15,7 +15,7 @@ from bot.conversation import Outcome, stop_token
 from bot.embedded_redis import EmbeddedRedis
 from bot.errors import StateUnavailable, describe
 from bot.turn import ConversationKey, EditBudget, Turn
-from tests.fakes.model_server import FakeModelServer, Script
+from tests.fakes.model_server import FakeModelServer, Script, count_tokens
 from tests.sinks import RecordingSink
 from tests.support import make_settings, redis_errors_told, until
 
@@ -224,8 +224,11 @@ async def test_history_is_trimmed_to_the_context_budget_keeping_system_and_newes
         sent = model_server.chat_requests[-1]["messages"]
         assert sent[0]["role"] == "system"
         assert sent[-1]["content"].startswith("message 11")
-        assert sum(len(m["content"]) for m in sent) // 4 <= 300
+        # what the model counts (its num_ctx less the reply's cap), at the rate it measured
+        assert model_server.chat_requests[-1]["options"]["num_ctx"] == 400
+        assert sum(count_tokens(m["content"]) + 4 for m in sent) <= 400 - 100
         assert len(sent) < 24
+        assert model_server.truncated == 0
     finally:
         await app.aclose()
 

@@ -17,9 +17,10 @@ from bot.conversation import Outcome
 from bot.markdown import THINKING, cut_short
 from bot.options import plan
 from bot.settings import Settings, load_settings
+from bot.state import HistoryEntry
 from bot.streaming import Status
 from bot.turn import ConversationKey, Phase, Turn
-from tests.fakes.model_server import FakeModelServer, Script
+from tests.fakes.model_server import FakeModelServer, Script, count_tokens
 from tests.sinks import RecordingSink
 from tests.support import make_settings
 from tests.test_streaming import on_loop_clock
@@ -260,3 +261,59 @@ async def test_a_long_think_shows_for_how_long_and_never_the_reasoning() -> None
     await renderer.finish(Status.COMPLETE)
     assert sink.messages == ["Here it is."]
     assert all("secret plan" not in c.text for c in sink.calls)
+
+
+# --- token counts, measured per model ------------------------------------------------------
+
+
+async def test_each_models_token_rate_is_learnt_from_what_its_backend_counted(
+    redis_url: str, model_server: FakeModelServer
+) -> None:
+    prose = "abcdefghij " * 60  # the fake counts 2 tokens a word: 5.5 characters a token
+    app = await Parley.open(make_settings(redis_url, model_server))
+    try:
+        assert await app.state.chars_per_token("llama3.2:latest") is None
+        await app.conversation.handle(turn(prose), RecordingSink())
+        sent = model_server.chat_requests[-1]["messages"]
+        counted = sum(count_tokens(m["content"]) + 4 for m in sent)
+        chars = sum(len(m["content"]) for m in sent)
+        learnt = await app.state.chars_per_token("llama3.2:latest")
+        assert learnt == pytest.approx(chars / (counted - 4 * len(sent)), rel=1e-3)
+        assert 5.0 < learnt < 5.6
+        assert await app.state.chars_per_token("qwen3:8b") is None  # per model
+        raw = await app.state.redis.hget(f"{app.settings.redis_prefix}calib", "llama3.2:latest")
+        assert raw is not None  # in Redis: every replica packs by it
+    finally:
+        await app.aclose()
+
+
+async def test_a_learnt_rate_packs_more_of_the_thread_and_still_within_the_window(
+    redis_url: str, model_server: FakeModelServer
+) -> None:
+    app = await Parley.open(
+        make_settings(
+            redis_url,
+            model_server,
+            context_tokens=700,
+            reply_reserve_tokens=100,
+            rate_limit="99/minute",
+        )
+    )
+    try:
+        for i in range(12):
+            said = f"turn {i} " + "abcdefghij " * 18
+            await app.state.append(
+                KEY,
+                HistoryEntry("user", said, user_id="U1", user_name="ada"),
+                HistoryEntry("assistant", said),
+            )
+        sizes = []
+        for question in ("first", "second"):
+            await app.conversation.handle(turn(question), RecordingSink())
+            sent = model_server.chat_requests[-1]["messages"]
+            sizes.append(len(sent))
+            assert sum(count_tokens(m["content"]) + 4 for m in sent) <= 700 - 100
+        assert sizes[1] > sizes[0]  # the guess (4 characters a token) was cautious
+        assert model_server.truncated == 0
+    finally:
+        await app.aclose()

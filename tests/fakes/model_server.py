@@ -134,6 +134,16 @@ def word_pieces(text: str) -> list[str]:
     return pieces
 
 
+_TOKEN = re.compile(r"[^\W\d_]{1,5}|\d{1,3}|[^\w\s]|_")
+
+
+def count_tokens(text: str) -> int:
+    """A tokenizer's count, roughly as BPE vocabularies split text: runs of up to five letters,
+    up to three digits, each other symbol (English prose comes to about 4.5 characters a
+    token, as with Llama's and Qwen's tokenizers)."""
+    return len(_TOKEN.findall(text))
+
+
 def go_json(obj: Any) -> str:
     """Compact JSON the way Go's encoding/json writes it (UTF-8, HTML-safe escapes)."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -358,6 +368,7 @@ class _Run:
         stream: bool,
         include_usage: bool,
         cap: int | None = None,
+        window: int | None = None,
     ) -> None:
         self.server = server
         self.cap = cap  # num_predict / max_tokens: at most this many tokens (pieces) generated
@@ -385,9 +396,14 @@ class _Run:
             if not isinstance(message, dict):
                 continue
             text = _content_text(message.get("content"))
-            prompt_tokens += len(text.split()) + 4
+            prompt_tokens += count_tokens(text) + 4  # the template's role markers
             if str(message.get("role", "")).lower() == "user":
                 last_user = text
+        if window is not None and prompt_tokens > window:
+            # Ollama cuts the front of a prompt longer than num_ctx (keeping the system
+            # message and the newest turn) and counts what is left
+            server.truncated += 1
+            prompt_tokens = window
         self.prompt_tokens = prompt_tokens
         self.tokens = (
             list(script.tokens)
@@ -653,6 +669,8 @@ class FakeModelServer:
 
     def __init__(self, models: list[str] | None = None, *, api_key: str | None = None) -> None:
         self.models: list[str] = list(DEFAULT_MODELS) if models is None else list(models)
+        self.default_num_ctx = 4096  # an Ollama on a machine with less than 24 GiB of VRAM
+        self.truncated = 0  # prompts longer than their num_ctx (Ollama cut their front)
         self.images_seen: list[list[str]] = []  # each chat request's images (base64), in order
         self.api_key = api_key
         self.url = ""
@@ -788,6 +806,7 @@ class FakeModelServer:
         stream: bool,
         include_usage: bool = False,
         cap: int | None = None,
+        window: int | None = None,
     ) -> web.StreamResponse:
         script = self._next_script()
         self.in_flight += 1
@@ -802,6 +821,7 @@ class FakeModelServer:
             stream=stream,
             include_usage=include_usage,
             cap=cap,
+            window=window,
         )
         task = asyncio.current_task()
         if task is not None:
@@ -925,9 +945,15 @@ class FakeModelServer:
             return _native_error(400, NO_VISION)
         self.images_seen.append(images)
         options = data.get("options")
-        cap = options.get("num_predict") if isinstance(options, dict) else None
+        options = options if isinstance(options, dict) else {}
         return await self._generate(
-            request, model, messages, openai=False, stream=stream, cap=_cap(cap)
+            request,
+            model,
+            messages,
+            openai=False,
+            stream=stream,
+            cap=_cap(options.get("num_predict")),
+            window=_cap(options.get("num_ctx")) or self.default_num_ctx,
         )
 
     async def _api_show(self, request: web.Request) -> web.StreamResponse:
