@@ -218,6 +218,7 @@ class Parley:
         return parley
 
     async def aclose(self) -> None:
+        await self.conversation.summaries.aclose()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.wait({self._listener}, timeout=2.0)  # never hang a shutdown on it

@@ -33,7 +33,7 @@ from bot.logs import turn_id
 from bot.markdown import clean_text, cut_short
 from bot.metrics import Metrics
 from bot.options import plan
-from bot.prompt import CHARS_PER_TOKEN, build_messages, measure
+from bot.prompt import CHARS_PER_TOKEN, build_messages, estimate_tokens, measure
 from bot.ratelimit import EditBudgets, Limiter, TokenBudget
 from bot.router import Generation, Router
 from bot.settings import Settings
@@ -47,6 +47,7 @@ from bot.state import (
     turn_token,
 )
 from bot.streaming import Renderer, RenderResult, Status, wait_first
+from bot.summary import Fold, Summaries, summary_cap
 from bot.turn import ConversationKey, MessageRef, ReplyChain, ReplySink, Turn, message
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Conversation:
             timeout=settings.attachment_timeout,
             image_side=settings.image_max_side,
         )
+        self.summaries = Summaries(settings=settings, state=state, router=router)
         self.accepting = True
         self._active: dict[str, asyncio.Event] = {}  # stop token → its stop signal
         self._idle = asyncio.Event()
@@ -279,6 +281,7 @@ class Conversation:
                 event.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), margin + 5.0)
+        await self.summaries.aclose()  # a fold cut short leaves its thread's history whole
 
     # --- which conversation ---
 
@@ -353,6 +356,8 @@ class Conversation:
             saved = {i: asked.images[i] for e in entries for i in e.images if i in asked.images}
             done = _Done(entries, slot, saved, counted, replacing if entries else 0)
             await asyncio.shield(self._finish(start, done, sink))
+            if entries and asked.fold is not None and self.accepting:
+                self.summaries.start(asked.fold)  # after the reply: it never waits for this
 
     def _chain_recorder(self, turn: Turn) -> Callable[[MessageRef], Awaitable[None]] | None:
         """Where conversations are reply chains: record each message of the reply as it is
@@ -415,14 +420,23 @@ class Conversation:
                     self.router.profile(model), self._chars_per_token(model)
                 )
                 asking = plan(model, self.settings, profile)
-                messages = build_messages(
-                    system=start.prefs.system_prompt or self.settings.system_prompt,
+                system = start.prefs.system_prompt or self.settings.system_prompt
+                prompt = build_messages(
+                    system=system,
                     history=list(start.history),
                     turn=asked.entry,
                     budget_tokens=asking.prompt_tokens,
                     images=images,
                     chars_per_token=rate,
+                    summary=start.summary.text,
                 )
+                messages = prompt.messages
+                if self.settings.summaries and (
+                    prompt.left_out or len(start.history) + 2 > self.state.history_max
+                ):  # what no longer fits (or would be trimmed) is summarised after the reply
+                    room = asking.prompt_tokens - estimate_tokens(system, rate)
+                    room -= summary_cap(asking.window)
+                    asked.fold = Fold(start.key, model, room, rate)
             except ParleyError as e:
                 await posting
                 result = await self._failed(renderer, e)
@@ -644,6 +658,7 @@ class _Asked:
 
     entry: HistoryEntry
     images: dict[str, Image] = field(default_factory=dict)
+    fold: Fold | None = None  # the thread's oldest turns no longer fit: summarise them after
 
 
 def _reason(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from bot.backends.base import Image, Message
 from bot.state import HistoryEntry
@@ -37,6 +38,28 @@ def speaker_content(entry: HistoryEntry, several_people: bool) -> str:
     return entry.content
 
 
+SUMMARY_HEADING = "Summary of the earlier conversation (its messages are no longer shown):"
+
+
+def with_summary(system: str, summary: str) -> str:
+    """The system prompt, followed by what the thread's folded turns said."""
+    if not summary:
+        return system
+    told = f"{SUMMARY_HEADING}\n{summary}"
+    return f"{system}\n\n{told}" if system else told
+
+
+def entry_tokens(entry: HistoryEntry, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    """What a stored entry costs when sent (its images counted as if the model sees them)."""
+    return estimate_tokens(entry.content, chars_per_token) + IMAGE_TOKENS * len(entry.images)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[Message]
+    left_out: int  # the oldest history entries that did not fit
+
+
 def build_messages(
     *,
     system: str,
@@ -45,8 +68,10 @@ def build_messages(
     budget_tokens: int,
     images: Mapping[str, Image] | None = None,
     chars_per_token: float = CHARS_PER_TOKEN,
-) -> list[Message]:
-    """System prompt + the newest history that fits the budget + the new turn.
+    summary: str = "",
+) -> Prompt:
+    """System prompt (with the thread's `summary`) + the newest history that fits the budget +
+    the new turn.
 
     The system prompt and the new turn are always kept; older entries go first, whole. With
     `images` (the thread's, by id; for a model that sees) each message carries its images, at
@@ -63,6 +88,7 @@ def build_messages(
         cost = estimate_tokens(content, chars_per_token) + IMAGE_TOKENS * len(pictures)
         return Message(entry.role, content, pictures), cost
 
+    system = with_summary(system, summary)
     newest, used = message(turn)
     used += estimate_tokens(system, chars_per_token)
     kept: list[Message] = []
@@ -73,8 +99,9 @@ def build_messages(
         kept.append(said)
         used += cost
     kept.reverse()
+    left_out = len(history) - len(kept)
     # a history that starts with the assistant reads oddly to most chat templates
     while kept and kept[0].role == "assistant":
         kept.pop(0)
     head = [Message("system", system)] if system else []
-    return [*head, *kept, newest]
+    return Prompt([*head, *kept, newest], left_out)

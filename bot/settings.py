@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     history_ttl_days: float = Field(default=30.0, gt=0)
     context_tokens: int = Field(default=4096, ge=256)
     reply_reserve_tokens: int = Field(default=1024, ge=0)
+    summaries: bool = True  # fold what no longer fits a thread's window into a summary
+    summary_model: str | None = None  # writes those summaries (default: the thread's model)
     dedup_ttl: int = Field(default=600, ge=1)
 
     # --- users ---

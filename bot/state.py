@@ -88,6 +88,21 @@ redis.call('HSET', KEYS[1], ARGV[1], text)
 return text
 """
 
+# Fold a thread's oldest ARGV[1] entries into its summary: only if they are still the ones that
+# were summarised (its first is ARGV[2], its last ARGV[3]); the summary (ARGV[4]) lives as long as
+# the thread (ARGV[5] s). KEYS[1] history, KEYS[2] summary → 1 folded, 0 the history had moved on.
+FOLD_HISTORY = """
+local n = tonumber(ARGV[1])
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[2] or redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3]
+then
+  return 0
+end
+redis.call('LTRIM', KEYS[1], n, -1)
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -152,6 +167,29 @@ class HistoryEntry:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """What a thread's oldest turns said, folded into a few lines once they no longer fit."""
+
+    text: str = ""
+    folded: int = 0  # entries it stands for
+    model: str = ""  # who wrote it
+
+    def to_json(self) -> str:
+        data = {"text": self.text, "folded": self.folded, "model": self.model}
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | None) -> Summary:
+        if raw is None:
+            return cls()
+        try:
+            data: dict[str, Any] = json.loads(_text(raw))
+            return cls(str(data["text"]), int(data.get("folded", 0)), str(data.get("model", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls()  # a corrupt summary is as good as none
+
+
+@dataclass(frozen=True)
 class Preferences:
     model: str | None = None
     system_prompt: str | None = None
@@ -180,6 +218,7 @@ class State:
         self.thread_image_bytes = thread_image_bytes
         self._release = redis.register_script(RELEASE_LOCK)
         self._calibrate = redis.register_script(CALIBRATE)
+        self._fold = redis.register_script(FOLD_HISTORY)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -190,6 +229,12 @@ class State:
 
     def images_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}img:{{{key.tag}}}"
+
+    def summary_key(self, key: ConversationKey) -> str:
+        return f"{self.prefix}sum:{{{key.tag}}}"
+
+    def folding_key(self, key: ConversationKey) -> str:
+        return f"{self.prefix}folding:{{{key.tag}}}"
 
     def bots_key(self, key: ConversationKey) -> str:
         return f"{self.prefix}bots:{{{key.tag}}}"
@@ -239,7 +284,36 @@ class State:
         return token if bar else None
 
     async def forget(self, key: ConversationKey) -> bool:
-        return bool(await self.redis.delete(self.history_key(key)))
+        names = (self.history_key(key), self.summary_key(key), self.images_key(key))
+        return bool(await self.redis.delete(*names))
+
+    # --- summaries of what no longer fits ---
+    async def claim_folding(self, key: ConversationKey, *, expire: float) -> str | None:
+        """One summariser per thread at a time, on any replica: a token, or None if taken."""
+        token = uuid.uuid4().hex
+        taken = await self.redis.set(
+            self.folding_key(key), token, nx=True, px=max(1, int(expire * 1000))
+        )
+        return token if taken else None
+
+    async def release_folding(self, key: ConversationKey, token: str) -> None:
+        await self._release(keys=[self.folding_key(key)], args=[token])
+
+    async def whole_history(self, key: ConversationKey) -> tuple[list[bytes], Summary]:
+        """Every stored entry of the thread, as stored (to fold exactly those), and its summary."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.history_key(key), 0, -1)
+            pipe.get(self.summary_key(key))
+            raw, summary = await pipe.execute()
+        return [r if isinstance(r, bytes) else r.encode() for r in raw], Summary.from_json(summary)
+
+    async def fold(self, key: ConversationKey, span: Sequence[bytes], summary: Summary) -> bool:
+        """Replace the thread's oldest entries `span` by `summary`, if they still are its oldest."""
+        folded = await self._fold(
+            keys=[self.history_key(key), self.summary_key(key)],
+            args=[len(span), span[0], span[-1], summary.to_json(), self.history_ttl],
+        )
+        return bool(folded)
 
     # --- preferences ---
     async def preferences(self, key: ConversationKey) -> Preferences:
@@ -329,6 +403,7 @@ class State:
             pipe.hgetall(self.pref_key(key))
             pipe.hgetall(self.images_key(key))
             pipe.get(self.bots_key(key))
+            pipe.get(self.summary_key(key))
             answers = await pipe.execute(raise_on_error=False)
         fresh, locked, claimed = (bool(a) and not isinstance(a, Exception) for a in answers[:3])
         start = TurnStart(key, event_id, owner, expire_ms, token, fresh, locked, claimed)
@@ -338,13 +413,14 @@ class State:
             with contextlib.suppress(*REDIS_DOWN):
                 await self.finish_turn(start)
             raise failed
-        history, prefs, images, bots = answers[3:]
+        history, prefs, images, bots, summary = answers[3:]
         return replace(
             start,
             history=_entries(history),
             prefs=_preferences(prefs),
             images=_images(images),
             bot_streak=int(bots or 0),
+            summary=Summary.from_json(summary),
         )
 
     async def wait_for_thread(
@@ -362,9 +438,14 @@ class State:
             pipe.lrange(self.history_key(start.key), -self.history_fetch, -1)
             pipe.hgetall(self.pref_key(start.key))
             pipe.hgetall(self.images_key(start.key))
-            history, prefs, images = await pipe.execute()
+            pipe.get(self.summary_key(start.key))
+            history, prefs, images, summary = await pipe.execute()
         return replace(
-            start, history=_entries(history), prefs=_preferences(prefs), images=_images(images)
+            start,
+            history=_entries(history),
+            prefs=_preferences(prefs),
+            images=_images(images),
+            summary=Summary.from_json(summary),
         )
 
     async def finish_turn(
@@ -396,6 +477,7 @@ class State:
                 pipe.delete(self._turn_key(start.token))
             if entries:
                 self._queue_append(pipe, start.key, entries, replacing)
+                pipe.expire(self.summary_key(start.key), self.history_ttl)  # lives with it
             if from_bot:
                 pipe.incr(self.bots_key(start.key))
                 pipe.expire(self.bots_key(start.key), self.history_ttl)
@@ -531,6 +613,7 @@ class TurnStart:
     prefs: Preferences = Preferences()
     images: Mapping[str, Image] = field(default_factory=dict)  # the thread's, by id
     bot_streak: int = 0  # bot turns answered in a row in this thread
+    summary: Summary = Summary()  # what the thread's folded turns said
 
     @property
     def token(self) -> str:

@@ -216,6 +216,7 @@ async def test_history_is_trimmed_to_the_context_budget_keeping_system_and_newes
             context_tokens=400,
             reply_reserve_tokens=100,
             rate_limit="99/minute",
+            summaries=False,  # (tests/test_summaries.py: what no longer fits, summarised)
         )
     )
     try:

@@ -46,7 +46,32 @@ class Done:
     eval_seconds: float = 0.0  # time the model spent generating (0 if the server doesn't say)
 
 
-Chunk = Content | Thinking | Done
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool the model calls: its call id (the OpenAI kind answers with it), the tool's name,
+    and its arguments; `arguments` is None when the model wrote arguments that are not a JSON
+    object (it is told so, as the call's result)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool offered to a model: its name, what it does, its arguments' JSON schema."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def schema(self) -> dict[str, Any]:
+        """As both Ollama and the OpenAI kind take it in `tools`."""
+        function = {"name": self.name, "description": self.description}
+        return {"type": "function", "function": {**function, "parameters": self.parameters}}
+
+
+Chunk = Content | Thinking | ToolCall | Done
 
 
 def count(value: object) -> int:
@@ -72,9 +97,12 @@ class Image:
 class Message:
     """One chat message as sent to a model."""
 
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
     images: tuple[Image, ...] = ()  # for vision models, on user messages
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the tools it called
+    tool_call_id: str = ""  # tool: the call this is the result of (the OpenAI kind)
+    tool_name: str = ""  # tool: which tool answered (Ollama)
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,7 @@ class Options:
     seed: int | None = None
     think: Think | None = None  # OpenAI: reasoning_effort
     keep_alive: int | str | None = None  # Ollama: seconds, or a Go duration ("10m", "-1")
+    tools: tuple[Tool, ...] = ()  # offered only to models that can call tools
 
 
 NO_OPTIONS = Options()

@@ -19,6 +19,7 @@ from bot.backends.base import (
     Options,
     Thinking,
     Timeouts,
+    ToolCall,
     count,
     error_text,
     make_client,
@@ -40,14 +41,11 @@ def request_body(
     the options Parley sets, and only those (an unset one is the model's own default)."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [
-            {"role": m.role, "content": m.content, "images": [i.data for i in m.images]}
-            if m.images
-            else {"role": m.role, "content": m.content}
-            for m in messages
-        ],
+        "messages": [_message(m) for m in messages],
         "stream": True,
     }
+    if options.tools:
+        body["tools"] = [t.schema() for t in options.tools]
     sampling = {
         "temperature": options.temperature,
         "top_p": options.top_p,
@@ -63,6 +61,39 @@ def request_body(
     if options.think is not None:
         body["think"] = options.think
     return body
+
+
+def _message(m: Message) -> dict[str, Any]:
+    said: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.images:
+        said["images"] = [i.data for i in m.images]
+    if m.tool_calls:
+        said["tool_calls"] = [
+            {"id": c.id, "function": {"name": c.name, "arguments": c.arguments or {}}}
+            for c in m.tool_calls
+        ]
+    if m.tool_name:
+        said["tool_name"] = m.tool_name
+    return said
+
+
+def tool_calls_of(found: Any) -> list[ToolCall]:
+    """A message's `tool_calls`: whole calls, arguments an object (TypeError if not a list of
+    calls; arguments of another shape are None, for the model to be told)."""
+    if not isinstance(found, list):
+        raise TypeError("tool_calls")
+    calls: list[ToolCall] = []
+    for call in found:
+        function = call["function"]
+        arguments = function.get("arguments")
+        calls.append(
+            ToolCall(
+                id=str(call.get("id") or f"call_{len(calls)}"),
+                name=clean_text(str(function["name"])),
+                arguments=arguments if isinstance(arguments, dict) else None,
+            )
+        )
+    return calls
 
 
 def chunks_of(data: Any, backend: str) -> list[Chunk]:
@@ -82,6 +113,8 @@ def chunks_of(data: Any, backend: str) -> list[Chunk]:
             chunks.append(Thinking(clean_text(thinking)))
         if content := message.get("content"):
             chunks.append(Content(clean_text(content)))
+        if calls := message.get("tool_calls"):
+            chunks.extend(tool_calls_of(calls))
         if data.get("done"):
             chunks.append(
                 Done(
@@ -91,7 +124,7 @@ def chunks_of(data: Any, backend: str) -> list[Chunk]:
                     eval_seconds=count(data.get("eval_duration")) / 1e9,
                 )
             )
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, KeyError):
         raise BackendStreamError(backend, "malformed output") from None
     return chunks
 

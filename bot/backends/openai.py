@@ -18,6 +18,7 @@ from bot.backends.base import (
     Options,
     Thinking,
     Timeouts,
+    ToolCall,
     count,
     error_text,
     make_client,
@@ -53,6 +54,7 @@ class OpenAIBackend:
             started = False
             reason: str | None = None
             usage: dict[str, Any] = {}
+            calls = ToolCalls(self.name)  # arrive in pieces; given whole before Done
             lines = timed_lines(response, self.name, self.timeouts)
             try:
                 async with contextlib.aclosing(lines):
@@ -61,6 +63,8 @@ class OpenAIBackend:
                             continue  # comments, event names, keep-alives
                         payload = line[5:].strip()
                         if payload == "[DONE]":
+                            for call in calls.whole():
+                                yield call
                             yield Done(
                                 reason=reason or "stop",
                                 prompt_tokens=count(usage.get("prompt_tokens")),
@@ -75,6 +79,7 @@ class OpenAIBackend:
                         if isinstance(data, dict) and "error" in data:
                             raise BackendStreamError(self.name, error_text(payload.encode()))
                         usage = usage_of(data, usage, self.name)
+                        calls.add(data)
                         for chunk, finish in deltas_of(data, self.name):
                             started = started or chunk is not None
                             if chunk is not None:
@@ -85,6 +90,8 @@ class OpenAIBackend:
                     raise BackendStreamError(self.name, "the connection broke") from e
                 raise transport_error(self.name, e) from e
             if reason:  # some servers end after the finish chunk without [DONE]
+                for call in calls.whole():
+                    yield call
                 yield Done(reason=reason)
                 return
             raise BackendStreamError(self.name, "the stream ended without finishing")
@@ -132,6 +139,8 @@ def request_body(
         "reasoning_effort": reasoning_effort(options.think),
     }
     body.update({k: v for k, v in chosen.items() if v is not None})
+    if options.tools:
+        body["tools"] = [t.schema() for t in options.tools]
     return body
 
 
@@ -145,7 +154,24 @@ def reasoning_effort(think: bool | str | None) -> str | None:
 
 
 def _message(message: Message) -> dict[str, Any]:
-    """A chat message; with images, its content is text and `image_url` parts (data URLs)."""
+    """A chat message; with images, its content is text and `image_url` parts (data URLs); an
+    assistant's tool calls with their arguments as a JSON string; a tool's result with its
+    call's id."""
+    if message.tool_calls:
+        return {
+            "role": message.role,
+            "content": message.content or None,
+            "tool_calls": [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.dumps(c.arguments or {})},
+                }
+                for c in message.tool_calls
+            ],
+        }
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
     if not message.images:
         return {"role": message.role, "content": message.content}
     parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
@@ -182,3 +208,42 @@ def deltas_of(data: dict[str, Any], backend: str) -> list[tuple[Chunk | None, st
     except (AttributeError, TypeError):
         raise BackendStreamError(backend, "malformed output") from None
     return found
+
+
+class ToolCalls:
+    """A streamed reply's tool calls, put together from their pieces: the first piece of a call
+    (by `index`) names it and its id, the next ones add to its arguments (a JSON string)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, data: dict[str, Any]) -> None:
+        try:
+            for choice in data.get("choices") or []:
+                for piece in (choice.get("delta") or {}).get("tool_calls") or []:
+                    index = int(piece.get("index", len(self._calls)))
+                    call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+                    function = piece.get("function") or {}
+                    call["id"] = str(piece.get("id") or call["id"])
+                    call["name"] += str(function.get("name") or "")
+                    call["arguments"] += str(function.get("arguments") or "")
+        except (AttributeError, TypeError, ValueError):
+            raise BackendStreamError(self.backend, "malformed output") from None
+
+    def whole(self) -> list[ToolCall]:
+        found = []
+        for index, call in sorted(self._calls.items()):
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = None
+            found.append(
+                ToolCall(
+                    id=call["id"] or f"call_{index}",
+                    name=clean_text(call["name"]),
+                    arguments=arguments if isinstance(arguments, dict) else None,
+                )
+            )
+        self._calls.clear()
+        return found

@@ -683,6 +683,7 @@ class FakeModelServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._queue: deque[Script] = deque()
+        self._rules: list[tuple[str, Script]] = []
         self._runner: web.AppRunner | None = None
         self._stopping = False
         self._completion_ids = 0
@@ -702,6 +703,11 @@ class FakeModelServer:
     def script(self, *scripts: Script) -> None:
         """Queue scripts; each chat request that reaches the model takes the next one."""
         self._queue.extend(scripts)
+
+    def when(self, needle: str, script: Script) -> None:
+        """Every chat request with `needle` in one of its messages gets `script` (before the
+        queue): a model that answers one kind of request the same way each time."""
+        self._rules.append((needle, script))
 
     @property
     def pending_scripts(self) -> int:
@@ -758,7 +764,11 @@ class FakeModelServer:
         self._completion_ids = (value + 1) % 999
         return f"chatcmpl-{value}"
 
-    def _next_script(self) -> Script:
+    def _next_script(self, messages: list[Any]) -> Script:
+        said = [_content_text(m.get("content")) for m in messages if isinstance(m, dict)]
+        for needle, script in self._rules:
+            if any(needle in text for text in said):
+                return script
         return self._queue.popleft() if self._queue else self.default
 
     def _has_model(self, name: str) -> bool:
@@ -808,7 +818,7 @@ class FakeModelServer:
         cap: int | None = None,
         window: int | None = None,
     ) -> web.StreamResponse:
-        script = self._next_script()
+        script = self._next_script(messages)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         run = _Run(

@@ -1,0 +1,200 @@
+"""Summaries of long threads: the turns that no longer fit a model's window are folded into a
+summary, which is sent ahead of the turns that remain.
+
+A fold runs after a reply is finished (never delaying it), on the replica that answered, while
+no other replica folds the same thread (a `folding` claim in Redis). It reads the whole stored
+history, keeps the newest turns that fill at most KEEP_SHARE of the prompt budget, and asks a
+model (PARLEY_SUMMARY_MODEL, else the thread's own) to fold the older ones into the summary so
+far. The result replaces exactly those entries, in one script that first checks they are still
+the thread's oldest; if anything fails, the history stays as it was and the next turn tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from bot.backends.base import Content, Done, Message, Options
+from bot.errors import BackendError, ParleyError
+from bot.markdown import clean_text
+from bot.options import plan
+from bot.prompt import CHARS_PER_TOKEN, PER_MESSAGE_TOKENS, entry_tokens, estimate_tokens
+from bot.router import Router
+from bot.settings import Settings
+from bot.state import REDIS_DOWN, HistoryEntry, State, Summary
+from bot.turn import ConversationKey
+
+log = logging.getLogger(__name__)
+
+KEEP_SHARE = 0.5  # after a fold, the remaining turns fill at most this share of the budget
+KEEP_ENTRIES = 2  # the newest exchange is never folded (a follow-up refers to it; Regenerate)
+SUMMARY_TOKENS = 400  # the summary's cap: what it may cost every later prompt
+SUMMARY_WORDS = 200
+MIN_ROOM = 64  # tokens of conversation a summary request must have room for
+
+INSTRUCTIONS = (
+    "You maintain the running summary of a team chat between people and an AI assistant, for "
+    "the assistant to continue the conversation from. Write in the conversation's language."
+)
+
+
+def summary_cap(window: int) -> int:
+    """A summary's cap in tokens: SUMMARY_TOKENS, less in a small window."""
+    return min(SUMMARY_TOKENS, window // 4)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold to do: the thread, the model whose window it is for, and that window's budget."""
+
+    key: ConversationKey
+    model: str
+    budget_tokens: int  # what the history may use in the thread model's prompt
+    chars_per_token: float = CHARS_PER_TOKEN
+
+
+def span(entries: Sequence[HistoryEntry], fold: Fold) -> int:
+    """How many of the oldest entries to fold: enough that the rest fill at most KEEP_SHARE of
+    the budget, never the newest KEEP_ENTRIES, and ending before a person's turn (a question is
+    not folded away from its answer)."""
+    room = int(fold.budget_tokens * KEEP_SHARE)
+    kept, used = 0, 0
+    for entry in reversed(entries):
+        cost = entry_tokens(entry, fold.chars_per_token)
+        if kept >= KEEP_ENTRIES and used + cost > room:
+            break
+        kept, used = kept + 1, used + cost
+    n = len(entries) - kept
+    while 0 < n < len(entries) and entries[n].role != "user":
+        n += 1  # the remaining turns start with a question
+    return n if len(entries) - n >= KEEP_ENTRIES else 0
+
+
+def transcript(entries: Sequence[HistoryEntry]) -> str:
+    lines = []
+    for e in entries:
+        who = (e.user_name or "Someone") if e.role == "user" else "Assistant"
+        lines.append(f"{who}: {e.content}")
+    return "\n\n".join(lines)
+
+
+def request(previous: str, entries: Sequence[HistoryEntry]) -> list[Message]:
+    so_far = f"The summary so far:\n{previous}\n\n" if previous else ""
+    ask = (
+        f"{so_far}Messages to fold into it:\n\n{transcript(entries)}\n\n"
+        f"Write the updated summary in at most {SUMMARY_WORDS} words: who asked what, the facts, "
+        "numbers, names, links and decisions, what the assistant answered or promised, and open "
+        "questions. Write only the summary."
+    )
+    return [Message("system", INSTRUCTIONS), Message("user", ask)]
+
+
+class Summaries:
+    """Folds threads' oldest turns into summaries, in the background of the replies."""
+
+    def __init__(self, *, settings: Settings, state: State, router: Router) -> None:
+        self.settings = settings
+        self.state = state
+        self.router = router
+        self._running: set[asyncio.Task[bool]] = set()
+
+    def start(self, fold: Fold) -> asyncio.Task[bool]:
+        """Fold in the background; the task's result says whether the history was folded."""
+        task = asyncio.create_task(self.fold(fold))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def wait(self) -> None:
+        """Until the folds in progress are done."""
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop folds in progress (the history stays as it was) and wait for them."""
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def fold(self, fold: Fold) -> bool:
+        """Fold the thread's turns that no longer fit; never raises."""
+        timeout = self.settings.turn_timeout
+        try:
+            claim = await self.state.claim_folding(fold.key, expire=timeout + 5)
+            if claim is None:
+                return False  # another turn or replica is folding this thread
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._fold(fold)
+            finally:
+                await self.state.release_folding(fold.key, claim)
+        except TimeoutError:
+            log.warning("a thread's summary took over %.0f s: its history is kept whole", timeout)
+        except REDIS_DOWN as e:
+            log.warning("redis unavailable: a thread's summary is not kept: %s", e)
+        except (BackendError, ParleyError) as e:
+            log.warning("a thread's summary failed (its history is kept whole): %s", e)
+        except Exception:
+            log.exception("a thread's summary failed unexpectedly (its history is kept whole)")
+        return False
+
+    async def _fold(self, fold: Fold) -> bool:
+        raw, summary = await self.state.whole_history(fold.key)
+        stored = [HistoryEntry.from_json(r.decode("utf-8", "replace")) for r in raw]
+        entries = [e for e in stored if e is not None]
+        if len(entries) != len(stored):
+            return False  # a corrupt entry: nothing to fold it with (it is skipped when read)
+        n = span(entries, fold)
+        if n == 0:
+            return False
+        model = self.settings.summary_model or fold.model
+        asking = plan(model, self.settings, await self.router.profile(model))
+        # what the summary model reads: the instructions, the summary so far and the span's
+        # oldest part that fits; the rest waits for the next fold
+        cap = summary_cap(asking.window)
+        asked = request(summary.text, [])
+        room = asking.window - cap - sum(estimate_tokens(m.content) for m in asked) - 16
+        if room < MIN_ROOM:
+            log.warning("%s's window is too small to summarise a thread with: not folded", model)
+            return False
+        taken, used = 0, 0
+        for entry in entries[:n]:
+            used += estimate_tokens(entry.content) + PER_MESSAGE_TOKENS
+            if taken and used > room:
+                break
+            taken += 1
+        while taken < n and taken > 1 and entries[taken].role != "user":
+            taken -= 1  # keep a question with its answer
+        folding = entries[:taken]
+        if used > room and taken == 1:  # one message larger than the window: its beginning
+            chars = max(1, int(room * CHARS_PER_TOKEN))
+            folding = [replace(folding[0], content=folding[0].content[:chars] + " …")]
+        think = False if "thinking" in (await self.router.profile(model)).capabilities else None
+        options = Options(temperature=0.2, num_ctx=asking.window, num_predict=cap, think=think)
+        text = await self._ask(model, request(summary.text, folding), options)
+        if not text:
+            log.warning("a thread's summary came back empty: its history is kept whole")
+            return False
+        folded = Summary(text, summary.folded + taken, model)
+        if not await self.state.fold(fold.key, raw[:taken], folded):
+            log.info("a thread's history moved on while it was summarised: not folded")
+            return False
+        log.info("folded %d messages of a thread into its summary (%s)", taken, model)
+        return True
+
+    async def _ask(self, model: str, messages: list[Message], options: Options) -> str:
+        """The model's answer (its reasoning left out); one cut at its cap is kept as it is."""
+        generation = await self.router.open(model, messages, options)
+        parts: list[str] = []
+        finished = False
+        async for chunk in generation:
+            if isinstance(chunk, Content):
+                parts.append(chunk.text)
+            elif isinstance(chunk, Done):
+                finished = True
+        return clean_text("".join(parts)).strip() if finished else ""
