@@ -219,6 +219,8 @@ class Parley:
 
     async def aclose(self) -> None:
         await self.conversation.summaries.aclose()
+        if self.conversation.tools is not None:
+            await self.conversation.tools.aclose()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.wait({self._listener}, timeout=2.0)  # never hang a shutdown on it

@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from bot.access import NOT_ALLOWED
 from bot.attachments import Limits, prepare
-from bot.backends.base import Image, Message, Options
+from bot.backends.base import Done, Image, Message, Options, ToolCall
 from bot.commands import CommandReply, Commands, parse_text_command
 from bot.errors import (
     BackendError,
@@ -48,6 +48,7 @@ from bot.state import (
 )
 from bot.streaming import Renderer, RenderResult, Status, wait_first
 from bot.summary import Fold, Summaries, summary_cap
+from bot.tools import Source, WebTools, progress, sources_note
 from bot.turn import ConversationKey, MessageRef, ReplyChain, ReplySink, Turn, message
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Conversation:
             image_side=settings.image_max_side,
         )
         self.summaries = Summaries(settings=settings, state=state, router=router)
+        self.tools = WebTools(settings) if settings.web_search else None
         self.accepting = True
         self._active: dict[str, asyncio.Event] = {}  # stop token → its stop signal
         self._idle = asyncio.Event()
@@ -341,12 +343,13 @@ class Conversation:
             if not start.locked:  # another message of this thread is being answered
                 start = await self.state.wait_for_thread(start)
             if turn.regenerates:  # the same question again, in place of the answer it had
-                asked.entry = _regenerable(start, turn.regenerates)
-                start, replacing = replace(start, history=start.history[:-2]), 2
+                asked.entry, replacing = _regenerable(start, turn.regenerates)
+                start = replace(start, history=start.history[:-replacing])
             result, model = await self._answer(turn, renderer, start, asked)
             counted = turn.from_bot
-            answer = HistoryEntry("assistant", result.text, model=model, reply=start.token)
-            entries = [asked.entry] + ([answer] if result.text.strip() else [])
+            said = result.text[asked.rounds.answer_from :]
+            answer = HistoryEntry("assistant", said, model=model, reply=start.token)
+            entries = [asked.entry, *asked.rounds.entries] + ([answer] if said.strip() else [])
             return Outcome(result.status.value)
         except asyncio.CancelledError:
             if renderer.text.strip():  # stopped by shutdown: keep what was said
@@ -420,6 +423,8 @@ class Conversation:
                     self.router.profile(model), self._chars_per_token(model)
                 )
                 asking = plan(model, self.settings, profile)
+                offered = self.tools.offered(model, profile) if self.tools else ()
+                options = replace(asking.options, tools=offered)
                 system = start.prefs.system_prompt or self.settings.system_prompt
                 prompt = build_messages(
                     system=system,
@@ -429,6 +434,7 @@ class Conversation:
                     images=images,
                     chars_per_token=rate,
                     summary=start.summary.text,
+                    tools=bool(offered),
                 )
                 messages = prompt.messages
                 if self.settings.summaries and (
@@ -442,7 +448,7 @@ class Conversation:
                 result = await self._failed(renderer, e)
             else:
                 result = await self._generate(
-                    turn, model, messages, asking.options, renderer, stop, started, posting
+                    turn, model, messages, options, asked, renderer, stop, started, posting
                 )
         except asyncio.CancelledError:
             await asyncio.gather(asyncio.shield(posting), return_exceptions=True)
@@ -542,6 +548,7 @@ class Conversation:
         model: str,
         messages: list[Message],
         options: Options,
+        asked: _Asked,
         renderer: Renderer,
         stop: asyncio.Event,
         started: float,
@@ -549,13 +556,46 @@ class Conversation:
     ) -> RenderResult:
         """Stream into the renderer until done, failed, or stopped; always finalise."""
         served: list[Generation] = []
+        rounds = asked.rounds
 
         async def pump() -> None:
-            generation = await self.router.open(model, messages, options)
-            served.append(generation)
-            self.metrics.first_token.observe(time.monotonic() - started)
-            async for chunk in generation:
-                renderer.feed(chunk)
+            asking = list(messages)
+            offered = options
+            while True:
+                generation = await self.router.open(model, asking, offered)
+                served.append(generation)
+                if len(served) == 1:
+                    self.metrics.first_token.observe(time.monotonic() - started)
+                calls: list[ToolCall] = []
+                before = len(renderer.text)
+                async for chunk in generation:
+                    if isinstance(chunk, ToolCall):
+                        calls.append(chunk)
+                    elif isinstance(chunk, Done):
+                        rounds.count(chunk)
+                    else:
+                        renderer.feed(chunk)
+                if not calls or not offered.tools or self.tools is None:
+                    break  # (a model offered no tools that still calls one is not obeyed)
+                said = renderer.text[before:]
+                asking.append(Message("assistant", said, tool_calls=tuple(calls)))
+                rounds.entries.append(
+                    HistoryEntry("assistant", said, model=model, calls=tuple(calls))
+                )
+                for call in calls:
+                    result = await self._run_tool(call, rounds, renderer)
+                    asking.append(
+                        Message("tool", result, tool_call_id=call.id, tool_name=call.name)
+                    )
+                    rounds.entries.append(
+                        HistoryEntry("tool", result, tool_call_id=call.id, tool_name=call.name)
+                    )
+                renderer.working("")
+                rounds.answer_from = len(renderer.text)
+                if rounds.calls >= self.settings.tool_steps:
+                    offered = replace(offered, tools=())  # now answer with what was found
+            if rounds.done is not None:
+                renderer.feed(rounds.done)
 
         work = asyncio.create_task(pump())
         try:
@@ -581,7 +621,7 @@ class Conversation:
         except Exception as e:
             log.exception("the model stream failed unexpectedly")
             return await self._failed(renderer, e)
-        (generation,) = served
+        generation = served[-1]
         if renderer.done is not None and renderer.done.reason == "length":
             renderer.notes.append(cut_short(options.num_predict))
         footer = f"_— {generation.model} via {generation.backend}_"
@@ -589,9 +629,27 @@ class Conversation:
             Status.COMPLETE, footer=footer if self.settings.show_model_footer else None
         )
         await self._spend(turn, result, generation.model, generation.backend)
-        if result.done is not None:
+        if result.done is not None and len(served) == 1:  # (counted for one prompt only)
             await self._calibrate(model, messages, result.done.prompt_tokens)
         return result
+
+    async def _run_tool(self, call: ToolCall, rounds: _Rounds, renderer: Renderer) -> str:
+        """Run one tool call the model made, showing what it does meanwhile; its result."""
+        assert self.tools is not None
+        if rounds.calls >= self.settings.tool_steps:
+            limit = self.settings.tool_steps
+            return f"error: the limit of {limit} tool calls for one answer was reached"
+        rounds.calls += 1
+        renderer.working(f"_{progress(call)}_")
+        result = await self.tools.run(call)
+        self.metrics.tool_calls.labels(call.name, "error" if result.failed else "ok").inc()
+        if result.sources:
+            rounds.sources.extend(result.sources)
+            if rounds.sources_note in renderer.notes:
+                renderer.notes.remove(rounds.sources_note)
+            rounds.sources_note = sources_note(rounds.sources)
+            renderer.notes.append(rounds.sources_note)
+        return result.content
 
     async def _failed(self, renderer: Renderer, error: Exception) -> RenderResult:
         log.warning("turn failed: %s: %s", type(error).__name__, error)
@@ -644,11 +702,14 @@ class _Done:
     replacing: int
 
 
-def _regenerable(start: TurnStart, token: str) -> HistoryEntry:
-    """The question of the thread's newest answer, if `token` names that answer."""
-    tail = start.history[-2:]
-    if len(tail) == 2 and tail[0].role == "user" and tail[1].reply == token:
-        return tail[0]
+def _regenerable(start: TurnStart, token: str) -> tuple[HistoryEntry, int]:
+    """The question of the thread's newest answer, if `token` names that answer, and how many
+    entries its exchange has (the question, the tools it called, the answer)."""
+    history = start.history
+    if history and history[-1].reply == token:
+        asked = max((i for i, e in enumerate(history) if e.role == "user"), default=None)
+        if asked is not None:
+            return history[asked], len(history) - asked
     raise NotRegenerable()
 
 
@@ -659,6 +720,31 @@ class _Asked:
     entry: HistoryEntry
     images: dict[str, Image] = field(default_factory=dict)
     fold: Fold | None = None  # the thread's oldest turns no longer fit: summarise them after
+    rounds: _Rounds = field(default_factory=lambda: _Rounds())  # the tools the answer called
+
+
+@dataclass
+class _Rounds:
+    """An answer's tool calls: what to remember of them, the sources they found, the tokens
+    every request of the answer counted."""
+
+    entries: list[HistoryEntry] = field(default_factory=list)  # calls and results, in order
+    answer_from: int = 0  # where the answer's text after the last call starts
+    calls: int = 0  # calls run
+    sources: list[Source] = field(default_factory=list)
+    sources_note: str = ""
+    done: Done | None = None  # the last request's end, with every request's counts
+
+    def count(self, done: Done) -> None:
+        if self.done is None:
+            self.done = done
+            return
+        self.done = Done(
+            reason=done.reason,
+            prompt_tokens=self.done.prompt_tokens + done.prompt_tokens,
+            completion_tokens=self.done.completion_tokens + done.completion_tokens,
+            eval_seconds=self.done.eval_seconds + done.eval_seconds,
+        )
 
 
 def _reason(error: BaseException) -> str:

@@ -76,6 +76,12 @@ class Metrics:
             ["model", "vote"],
             registry=r,
         )
+        self.tool_calls = Counter(
+            "parley_tool_calls",
+            "Tool calls run for models (web_search, web_fetch), by outcome (ok, error).",
+            ["tool", "outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,6 +69,7 @@ def build_messages(
     images: Mapping[str, Image] | None = None,
     chars_per_token: float = CHARS_PER_TOKEN,
     summary: str = "",
+    tools: bool = False,
 ) -> Prompt:
     """System prompt (with the thread's `summary`) + the newest history that fits the budget +
     the new turn.
@@ -76,32 +77,47 @@ def build_messages(
     The system prompt and the new turn are always kept; older entries go first, whole. With
     `images` (the thread's, by id; for a model that sees) each message carries its images, at
     IMAGE_TOKENS each; without, a model that cannot see gets the text alone. Text is counted
-    at `chars_per_token` (the model's measured rate, else a cautious guess).
+    at `chars_per_token` (the model's measured rate, else a cautious guess). Tool calls and
+    their results go to a model that is offered `tools`; another reads the answers they made.
     """
     people = {e.user_id or e.user_name for e in [*history, turn] if e.role == "user"}
     several = len(people) > 1
     found = images or {}
 
-    def message(entry: HistoryEntry) -> tuple[Message, int]:
+    def message(entry: HistoryEntry) -> tuple[Message | None, int]:
+        if not tools and (entry.role == "tool" or (entry.calls and not entry.content)):
+            return None, 0  # a model offered no tools reads the answers their results made
         content = speaker_content(entry, several)
         pictures = tuple(found[i] for i in entry.images if i in found)
         cost = estimate_tokens(content, chars_per_token) + IMAGE_TOKENS * len(pictures)
-        return Message(entry.role, content, pictures), cost
+        said = Message(
+            entry.role,
+            content,
+            pictures,
+            tool_calls=entry.calls if tools else (),
+            tool_call_id=entry.tool_call_id,
+            tool_name=entry.tool_name,
+        )
+        return said, cost
 
     system = with_summary(system, summary)
     newest, used = message(turn)
+    assert newest is not None
     used += estimate_tokens(system, chars_per_token)
     kept: list[Message] = []
-    for entry in reversed(history):
+    left_out = 0
+    for n, entry in enumerate(reversed(history)):
         said, cost = message(entry)
         if used + cost > budget_tokens:
+            left_out = len(history) - n
             break
-        kept.append(said)
+        if said is not None:
+            kept.append(said)
         used += cost
     kept.reverse()
-    left_out = len(history) - len(kept)
-    # a history that starts with the assistant reads oddly to most chat templates
-    while kept and kept[0].role == "assistant":
+    # a history that starts with the assistant reads oddly to most chat templates, and a tool's
+    # result without the call it answers is refused by OpenAI-kind servers
+    while kept and kept[0].role != "user":
         kept.pop(0)
     head = [Message("system", system)] if system else []
     return Prompt([*head, *kept, newest], left_out)

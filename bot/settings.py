@@ -209,6 +209,14 @@ class Settings(BaseSettings):
     vision_model: str | None = None  # answers turns with images when the channel's cannot see
     vision_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # globs, openai
 
+    # --- tools ---
+    web_search: bool = False  # offer web_search and web_fetch to models that call tools
+    web_search_api_key: SecretStr | None = None  # else OLLAMA_API_KEY
+    web_search_url: str = "https://ollama.com"  # /api/web_search and /api/web_fetch
+    tool_steps: int = Field(default=4, ge=1, le=20)  # rounds of tool calls in one reply
+    tool_timeout: float = Field(default=20.0, gt=0)  # seconds for one tool call
+    tool_models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # globs, openai
+
     # --- logging / http ---
     log_level: str = "INFO"
     http_port: int = Field(default=3000, ge=0, le=65535)
@@ -288,7 +296,7 @@ class Settings(BaseSettings):
             return ids
         return value
 
-    @field_validator("vision_models", mode="before")
+    @field_validator("vision_models", "tool_models", mode="before")
     @classmethod
     def _globs(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -362,9 +370,20 @@ class Settings(BaseSettings):
                     "PARLEY_DISCORD_SHARD_IDS: every id must be from 0 to below "
                     "PARLEY_DISCORD_SHARD_COUNT"
                 )
+        if self.web_search and self.search_key() is None:
+            raise ValueError(
+                "PARLEY_WEB_SEARCH: needs an Ollama API key "
+                "(PARLEY_WEB_SEARCH_API_KEY or OLLAMA_API_KEY)"
+            )
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.web_search_url):
+            raise ValueError("PARLEY_WEB_SEARCH_URL: must be an http(s) URL")
         if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
             raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
         return self
+
+    def search_key(self) -> SecretStr | None:
+        """The web search service's key: its own, else the Ollama Cloud key."""
+        return self.web_search_api_key or self.ollama_api_key
 
     def backend_configs(self) -> list[BackendConfig]:
         """PARLEY_BACKENDS if given, else local Ollama (OLLAMA_HOST) + Ollama Cloud with a key."""

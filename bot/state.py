@@ -26,7 +26,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from bot.backends.base import Image
+from bot.backends.base import Image, ToolCall
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
 
@@ -130,6 +130,9 @@ class HistoryEntry:
     model: str = ""  # for assistant entries: who answered
     images: tuple[str, ...] = ()  # ids of the thread's stored images this message carried
     reply: str = ""  # assistant entries: the reply's token (its Regenerate and feedback buttons)
+    calls: tuple[ToolCall, ...] = ()  # assistant entries: the tools it called
+    tool_call_id: str = ""  # tool entries: the call answered
+    tool_name: str = ""  # tool entries: the tool that answered
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -147,6 +150,14 @@ class HistoryEntry:
             data["images"] = list(self.images)
         if self.reply:
             data["reply"] = self.reply
+        if self.calls:
+            data["calls"] = [
+                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.calls
+            ]
+        if self.tool_call_id:
+            data["tool_call_id"] = self.tool_call_id
+        if self.tool_name:
+            data["tool_name"] = self.tool_name
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -161,8 +172,15 @@ class HistoryEntry:
                 model=str(data.get("model", "")),
                 images=tuple(str(i) for i in data.get("images") or ()),
                 reply=str(data.get("reply", "")),
+                calls=tuple(
+                    ToolCall(str(c["id"]), str(c["name"]), c["arguments"])
+                    for c in data.get("calls") or ()
+                    if isinstance(c.get("arguments"), dict | None)
+                ),
+                tool_call_id=str(data.get("tool_call_id", "")),
+                tool_name=str(data.get("tool_name", "")),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # a corrupt entry is skipped, never fatal
 
 

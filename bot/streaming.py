@@ -81,6 +81,7 @@ class Renderer:
     first_visible_at: float | None = None
     _thinking_since: float | None = None  # clock time of the first thinking chunk
     _thinking_shown: str = ""  # the thinking placeholder's text ("": the plain one)
+    _activity: str = ""  # what the reply is doing meanwhile (a tool running), shown under it
     _body: str = ""  # the current page's text (may start with a reopened fence)
     _pages: list[_Page] = field(default_factory=list)
     _next_at: float = 0.0  # no streaming edit before this (cadence, our budget)
@@ -127,6 +128,12 @@ class Renderer:
         elif isinstance(chunk, Done):
             self.done = chunk
             return
+        self._dirty.set()
+
+    def working(self, activity: str) -> None:
+        """Show what the reply is doing while no text comes (a tool running; "" when it is
+        done): under the text so far, or in place of the placeholder. Never waits."""
+        self._activity = activity
         self._dirty.set()
 
     async def finish(
@@ -189,8 +196,9 @@ class Renderer:
             self._dirty.clear()
             if self.text:
                 await self._flush(self._body)
-            elif self.thinking:
-                await self._show(self._pages[-1], Frame(Phase.THINKING, self._thinking_shown))
+            elif self.thinking or self._activity:
+                shown = self._activity or self._thinking_shown
+                await self._show(self._pages[-1], Frame(Phase.THINKING, shown))
 
     async def _waiting_loop(self) -> None:
         """Until the answer's text comes: the platform's waiting indicator, repeated; and once
@@ -237,7 +245,11 @@ class Renderer:
                 body = rest
             else:  # chunks fed while this page was finished and the next posted follow rest
                 self._body = body = rest + self._body[len(body) :]
-        frame = Frame(Phase.STREAMING, body) if ending is None else replace(ending, body=body)
+        if ending is None:
+            fits = len(body) + len(self._activity) + 2 <= self.limit
+            frame = Frame(Phase.STREAMING, body, notice=self._activity if fits else "")
+        else:
+            frame = replace(ending, body=body)
         await self._show(self._pages[-1], frame)
 
     async def _show(self, page: _Page, frame: Frame) -> None:

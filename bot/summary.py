@@ -12,6 +12,7 @@ the thread's oldest; if anything fails, the history stays as it was and the next
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -75,8 +76,13 @@ def span(entries: Sequence[HistoryEntry], fold: Fold) -> int:
 def transcript(entries: Sequence[HistoryEntry]) -> str:
     lines = []
     for e in entries:
+        if e.role == "tool":
+            lines.append(f"({e.tool_name or 'a tool'} answered: {e.content})")
+            continue
         who = (e.user_name or "Someone") if e.role == "user" else "Assistant"
-        lines.append(f"{who}: {e.content}")
+        called = ", ".join(f"{c.name} {json.dumps(c.arguments)}" for c in e.calls)
+        said = f"{e.content} [called {called}]".strip() if called else e.content
+        lines.append(f"{who}: {said}")
     return "\n\n".join(lines)
 
 

@@ -119,7 +119,8 @@ class Frame:
 
     phase: Phase
     body: str = ""  # the message's Markdown: the model's text on this page (THINKING: for how long)
-    notice: str = ""  # final frames: a closing line (what went wrong, stopped, a footer)
+    notice: str = ""  # a closing line: final, what went wrong, stopped, a footer; streaming,
+    # what the reply is doing meanwhile (post-and-edit sinks show it; a native stream does not)
     controls: bool = False  # the reply's last message, final: it carries Regenerate, 👍 and 👎
 
     @property
@@ -135,7 +136,8 @@ class Frame:
             case Phase.THINKING:
                 return self.body or THINKING  # the body: how long it has been thinking
             case Phase.STREAMING:
-                return in_progress(self.body)
+                shown = in_progress(self.body)
+                return f"{shown}\n\n{self.notice}" if self.notice else shown
         if self.body and self.notice:
             return f"{self.body}\n\n{self.notice}"
         return self.body or self.notice or EMPTY_ANSWER

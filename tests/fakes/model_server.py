@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import re
+import string
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -109,6 +111,10 @@ class Script:
     plain_text: bool = False  # error body as "<error>\n" text/plain instead of JSON
     headers: dict[str, str] = field(default_factory=dict)  # extra headers on every response
     done_reason: str = "stop"
+    # tools the model calls after its content: (name, arguments) each; Ollama sends them whole
+    # in one chunk, the OpenAI kind in pieces (as OpenAI, vLLM and llama.cpp do) and ends with
+    # finish_reason "tool_calls"
+    tool_calls: list[tuple[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +308,28 @@ def _unsupported(model: str, *, think: Any, tools: Any) -> str | None:
     return None
 
 
+def _orphan_tool_result(messages: list[Any]) -> str | None:
+    """OpenAI-kind servers refuse a `tool` message that answers no call of the assistant message
+    before it (OpenAI: "messages with role 'tool' must be a response to a preceding message with
+    'tool_calls'"); the call ids must match."""
+    open_ids: set[str] = set()
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role == "assistant":
+            open_ids = {str(c.get("id")) for c in m.get("tool_calls") or [] if isinstance(c, dict)}
+        elif role == "tool":
+            if str(m.get("tool_call_id")) not in open_ids:
+                return (
+                    "messages with role 'tool' must be a response to a preceding message "
+                    "with 'tool_calls'"
+                )
+        else:
+            open_ids = set()
+    return None
+
+
 def _native_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """`{"error": "..."}` as gin's c.JSON writes it."""
     return web.Response(
@@ -388,6 +416,7 @@ class _Run:
         self.content_parts: list[str] = []
         self.created: int | None = None  # OpenAI `created`, pinned by the first chunk
         self.role_sent = False
+        self.called: list[dict[str, Any]] = []  # the tool calls this generation made
         self.completion_id = server._next_completion_id()
 
         last_user = ""
@@ -459,7 +488,40 @@ class _Run:
             await asyncio.sleep(script.delay)
         if fail_at is not None:
             return await self._fail()
+        if script.tool_calls and not self.cut:
+            await self._tool_calls()
         return await self._finish()
+
+    async def _tool_calls(self) -> None:
+        self.chunks += 1
+        calls = [
+            ("call_" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8)), n, a)
+            for n, a in self.script.tool_calls
+        ]
+        self.called = [{"id": i, "name": n, "arguments": a} for i, n, a in calls]
+        if not self.stream:
+            return
+        if self.openai:
+            for index, (call_id, name, arguments) in enumerate(calls):
+                text = arguments if isinstance(arguments, str) else go_json(arguments)
+                first = {"index": index, "id": call_id, "type": "function"}
+                first["function"] = {"name": name, "arguments": ""}
+                delta = {**self._role_delta(), "tool_calls": [first]}
+                await self._write_sse(self._chunk(delta, None))
+                for at in range(0, len(text), 7):
+                    piece = {"index": index, "function": {"arguments": text[at : at + 7]}}
+                    await self._write_sse(self._chunk({"tool_calls": [piece]}, None))
+            return
+        message = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": i, "function": {"index": k, "name": n, "arguments": a}}
+                for k, (i, n, a) in enumerate(calls)
+            ],
+        }
+        line = {"model": self.model, "created_at": rfc3339_nano(), "message": message}
+        await self._write(go_json({**line, "done": False}) + "\n")
 
     # -- output -----------------------------------------------------------------------------
 
@@ -584,7 +646,8 @@ class _Run:
         metrics = self._metrics()
         done_reason = "length" if self.cut else self.script.done_reason
         if self.openai:
-            return await self._finish_openai(metrics, done_reason or "stop")
+            reason = "tool_calls" if self.called and not self.cut else done_reason
+            return await self._finish_openai(metrics, reason or "stop")
         if self.stream:
             final: dict[str, Any] = {
                 "model": self.model,
@@ -1023,6 +1086,8 @@ class FakeModelServer:
         think = effort not in ("none", None)
         if refusal := _unsupported(model, think=think, tools=data.get("tools")):
             return _openai_error(400, refusal)
+        if orphan := _orphan_tool_result(messages):
+            return _openai_error(400, orphan)
         stream = data.get("stream") is True  # defaults to false here
         images = openai_images(messages)
         if isinstance(images, str):
