@@ -194,6 +194,7 @@ class Parley:
             storage=rate_storage(url, settings.redis_prefix, settings.redis_max_connections),
         )
         router = Router.from_settings(settings)
+        router.share_caps(redis, settings.redis_prefix)
         metrics = Metrics()
         conversation = Conversation(
             settings=settings,

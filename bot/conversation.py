@@ -30,7 +30,7 @@ from bot.errors import (
     describe,
 )
 from bot.logs import turn_id
-from bot.markdown import clean_text, cut_short
+from bot.markdown import clean_text, cut_short, queued
 from bot.metrics import Metrics
 from bot.options import plan
 from bot.prompt import CHARS_PER_TOKEN, build_messages, estimate_tokens, measure
@@ -557,12 +557,19 @@ class Conversation:
         """Stream into the renderer until done, failed, or stopped; always finalise."""
         served: list[Generation] = []
         rounds = asked.rounds
+        person = f"{turn.key.platform}:{turn.user_id}"
+
+        def waiting(ahead: int) -> None:  # queued at a backend with a cap: where
+            renderer.working(f"_{queued(ahead)}_")
 
         async def pump() -> None:
             asking = list(messages)
             offered = options
             while True:
-                generation = await self.router.open(model, asking, offered)
+                generation = await self.router.open(
+                    model, asking, offered, person=person, place=waiting
+                )
+                renderer.working("")
                 served.append(generation)
                 if len(served) == 1:
                     self.metrics.first_token.observe(time.monotonic() - started)

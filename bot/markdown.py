@@ -22,6 +22,13 @@ def thinking_for(seconds: float) -> str:
     return f"💭 _Thinking… ({shown})_"
 
 
+def queued(ahead: int) -> str:
+    """A reply waiting for a place at its model's backend, and how many go first."""
+    if ahead <= 0:
+        return "⏳ Waiting for the model — you're next"
+    return f"⏳ Waiting for the model — {ahead} ahead of you"
+
+
 def cut_short(tokens: int | None) -> str:
     """The line a reply ends with when it stopped at its length cap."""
     cap = f" of {tokens:,} tokens" if tokens else ""

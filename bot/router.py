@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from bot.backends.base import NO_OPTIONS, Backend, Chunk, Message, ModelInfo, Options, Timeouts
 from bot.backends.ollama import OllamaBackend
 from bot.backends.openai import OpenAIBackend
+from bot.capacity import Capacity, Held, Place
 from bot.errors import BackendError, BackendTimeout, BackendUnreachable
 from bot.settings import BackendConfig, Settings
+from bot.state import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Generation:
     model: str
     _chunks: AsyncIterator[Chunk]
     _first: Chunk | None
-    _release: asyncio.Semaphore
+    _held: Held  # the backend place it holds
     _closed: bool = field(default=False)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -81,7 +83,7 @@ class Generation:
             if aclose is not None:
                 await aclose()
         finally:
-            self._release.release()
+            await self._held.release()
 
 
 class Router:
@@ -89,7 +91,7 @@ class Router:
         self,
         backends: list[Backend],
         *,
-        concurrency: int = 4,
+        concurrency: int | dict[str, int] = 4,
         catalog_ttl: float = 30.0,
         vision_globs: tuple[str, ...] = (),
     ) -> None:
@@ -99,7 +101,11 @@ class Router:
         self.order = [b.name for b in backends]
         self.cloud = next((b for b in backends if b.config.cloud), None)
         self.catalog_ttl = catalog_ttl
-        self._slots = {b.name: asyncio.Semaphore(concurrency) for b in backends}
+        caps = concurrency
+        if not isinstance(caps, dict):
+            caps = dict.fromkeys(self.order, caps)
+        # per process until the app gives it Redis (`share_caps`): then shared by every replica
+        self.capacity = Capacity(caps)
         self._models: dict[str, list[str]] = {}  # last good catalog of each backend
         self._fetched_at = -1e18
         self._refresh = asyncio.Lock()
@@ -118,7 +124,7 @@ class Router:
         )
         return cls(
             [build_backend(c, timeouts) for c in settings.backend_configs()],
-            concurrency=settings.backend_concurrency,
+            concurrency=settings.backend_caps(),
             catalog_ttl=settings.catalog_ttl if ttl is None else ttl,
             vision_globs=tuple(settings.vision_models),
         )
@@ -215,23 +221,34 @@ class Router:
                 return [(local[0], model)]
         return [(self.backends[self.order[0]], model)]
 
+    def share_caps(self, redis: RedisClient, prefix: str) -> None:
+        """Hold the backends' caps in Redis: one cap for every replica, and a fair queue."""
+        self.capacity = Capacity(self.capacity.caps, redis, prefix)
+
     async def open(
-        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+        self,
+        model: str,
+        messages: list[Message],
+        options: Options = NO_OPTIONS,
+        *,
+        person: str = "",
+        place: Place | None = None,
     ) -> Generation:
-        """Start a generation, failing over while a backend is unreachable before output."""
+        """Start a generation, failing over while a backend is unreachable before output. At a
+        backend with a cap, wait for a place first (`place` is told how many are ahead of
+        `person`'s turn while it waits)."""
         failure: BackendError | None = None
         for backend, name in await self.candidates(model):
-            slot = self._slots[backend.name]
-            await slot.acquire()
+            slot = await self.capacity.enter(backend.name, person, place)
             chunks = backend.chat(name, messages, options)
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
-                slot.release()
+                await slot.release()
                 failure = BackendError(backend.name, "empty answer")
                 continue
             except (BackendUnreachable, BackendTimeout) as e:
-                slot.release()
+                await slot.release()
                 with contextlib.suppress(Exception):
                     await chunks.aclose()  # type: ignore[attr-defined]
                 log.warning(
@@ -240,7 +257,7 @@ class Router:
                 failure = e
                 continue
             except BaseException:
-                slot.release()
+                await asyncio.shield(slot.release())
                 with contextlib.suppress(Exception):
                     await chunks.aclose()  # type: ignore[attr-defined]
                 raise

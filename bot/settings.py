@@ -56,6 +56,9 @@ def parse_ollama_host(value: str | None) -> str:
     return f"{scheme}://{shown}:{port_number}" + (f"/{path}" if path else "")
 
 
+LOCAL_OLLAMA_CAP = 4  # what Ollama runs in parallel on a machine with the memory for it
+
+
 class BackendConfig(BaseModel):
     """One model server."""
 
@@ -64,6 +67,18 @@ class BackendConfig(BaseModel):
     url: str
     api_key: SecretStr | None = None
     cloud: bool = False  # serves `X-cloud` / `X:cloud` models without the suffix
+    concurrency: int | None = Field(default=None, ge=0)  # generations at once; 0: no cap
+
+    def cap(self, default: int | None) -> int:
+        """Generations this backend runs at once, for all replicas (0: no cap): its own
+        `concurrency`, else PARLEY_BACKEND_CONCURRENCY, else by kind — a local Ollama runs a few
+        at once (OLLAMA_NUM_PARALLEL) and queues the rest where no one sees their place; Ollama
+        Cloud and OpenAI-compatible servers take many."""
+        if self.concurrency is not None:
+            return self.concurrency
+        if default is not None:
+            return default
+        return LOCAL_OLLAMA_CAP if self.kind == "ollama" and not self.cloud else 0
 
     @field_validator("url")
     @classmethod
@@ -155,7 +170,8 @@ class Settings(BaseSettings):
     ollama_host: str | None = Field(default=None, validation_alias="OLLAMA_HOST")
     ollama_api_key: SecretStr | None = Field(default=None, validation_alias="OLLAMA_API_KEY")
     default_model: str | None = None
-    backend_concurrency: int = Field(default=4, ge=1)
+    # generations at once per backend, shared by all replicas (0: no cap); unset: by kind
+    backend_concurrency: int | None = Field(default=None, ge=0)
     catalog_ttl: float = Field(default=30.0, ge=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     first_token_timeout: float = Field(default=300.0, gt=0)  # models load on first use
@@ -380,6 +396,9 @@ class Settings(BaseSettings):
         if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
             raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
         return self
+
+    def backend_caps(self) -> dict[str, int]:
+        return {c.name: c.cap(self.backend_concurrency) for c in self.backend_configs()}
 
     def search_key(self) -> SecretStr | None:
         """The web search service's key: its own, else the Ollama Cloud key."""

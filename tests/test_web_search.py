@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from bot.app import Parley
 from bot.backends.base import ToolCall
-from bot.conversation import Outcome
+from bot.conversation import Outcome, stop_token
 from bot.settings import Settings
 from bot.tools import Source, progress, sources_note, web_url
 from bot.turn import ConversationKey, Turn
@@ -292,3 +292,28 @@ def test_a_sources_list_of_any_titles_is_one_clean_link_each(title: str, path: s
         label, _, target = line.partition("](")
         assert label.count("[") == 1 and "]" not in label
         assert target.endswith(")") and "(" not in target[:-1] and ")" not in target[:-1]
+
+
+async def test_regenerate_replaces_the_whole_exchange_with_its_tool_calls(
+    redis_url: str, model_server: FakeModelServer, search: FakeSearchServer
+) -> None:
+    model_server.script(
+        Script(tokens=[], tool_calls=[("web_search", {"query": "penguin"})]),
+        Script(tokens=ANSWER),
+        Script(tokens=["Again", " without", " searching."]),
+    )
+    app = await open_app(redis_url, model_server, search)
+    try:
+        asked = turn("How many penguins?")
+        await app.conversation.handle(asked, RecordingSink())
+        assert len(await app.state.history(KEY)) == 4  # question, call, result, answer
+        again = RecordingSink()
+        outcome = await app.conversation.regenerate(stop_token(asked), turn(""), again)
+        assert outcome == Outcome.COMPLETE
+        history = await app.state.history(KEY)
+        assert [e.role for e in history] == ["user", "assistant"]
+        assert history[1].content == "Again without searching."
+        sent = model_server.chat_requests[-1]["messages"]
+        assert [m["role"] for m in sent] == ["system", "user"]  # asked afresh
+    finally:
+        await app.aclose()
