@@ -162,6 +162,7 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        env_ignore_empty=True,  # `KEY=` (a copied .env.example) is unset, not an empty value
         populate_by_name=True,
     )
 

@@ -286,3 +286,12 @@ def test_cluster_and_sentinel_urls_are_accepted() -> None:
     ):
         settings = Settings(_env_file=None, redis_url=url)  # type: ignore[call-arg]
         assert settings.redis_url is not None
+
+
+def test_an_empty_variable_is_unset_not_an_empty_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`OLLAMA_API_KEY=` (a copied .env.example) must not add a cloud backend with no key."""
+    monkeypatch.setenv("OLLAMA_API_KEY", "")
+    monkeypatch.setenv("PARLEY_DEFAULT_MODEL", "")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.ollama_api_key is None and settings.default_model is None
+    assert [c.name for c in settings.backend_configs()] == ["local"]
