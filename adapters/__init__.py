@@ -12,7 +12,17 @@ if TYPE_CHECKING:
 class Adapter(Protocol):
     name: str
 
+    @property
+    def ready(self) -> bool:
+        """Connected and taking events (for /readyz)."""
+        ...
+
     async def start(self) -> None: ...
+
+    async def quiesce(self) -> None:
+        """Shutting down: take no more events where the platform can give them to another
+        replica (replies in flight go on)."""
+        ...
 
     async def stop(self) -> None: ...
 

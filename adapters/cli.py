@@ -47,7 +47,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    add_routes(parley, lambda: {a.name: bool(getattr(a, "ready", True)) for a in adapters})
+    add_routes(parley, lambda: {a.name: a.ready for a in adapters})
     runner = web.AppRunner(parley.http)
     await runner.setup()
     try:
@@ -59,6 +59,8 @@ async def run(settings: Settings) -> int:
             log.info("%s adapter started", adapter.name)
         await stop.wait()
         log.info("shutting down: replies in flight get %.0fs to finish", settings.shutdown_grace)
+        for adapter in adapters:  # new events go to the other replicas meanwhile
+            await adapter.quiesce()
         await parley.conversation.drain(settings.shutdown_grace)
     finally:
         for adapter in reversed(adapters):

@@ -400,6 +400,10 @@ class DiscordAdapter:
                 "portal (Bot → Privileged Gateway Intents)."
             )
 
+    async def quiesce(self) -> None:
+        """Nothing to hand over: a shard's events reach only the process that runs it, so the
+        gateway stays open while replies finish (and their Stop buttons still arrive)."""
+
     async def stop(self) -> None:
         """Finish in-flight replies as stopped, then disconnect."""
         turns = [t for t in self._turns if not t.done()]

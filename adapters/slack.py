@@ -449,6 +449,7 @@ class SlackAdapter:
         self._api_host = urlsplit(settings.slack_api_url).hostname or ""
         self.status_allowed = True
         self._socket: AsyncSocketModeHandler | None = None
+        self._started = False
         self._turns: set[asyncio.Task[Any]] = set()
 
         self.app.event("app_mention")(self._on_message)
@@ -482,12 +483,30 @@ class SlackAdapter:
                 self.app, self.settings.slack_app_token.get_secret_value()
             )
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
+        self._started = True
 
-    async def stop(self) -> None:
-        """Stop taking events, finish the replies in flight as stopped, close connections."""
+    @property
+    def ready(self) -> bool:
+        """Signed in; in Socket Mode, its WebSocket to Slack open (for /readyz)."""
+        if not self._started:
+            return False
+        if not self.socket_mode:
+            return True
+        client = self._socket.client if self._socket is not None else None
+        session = getattr(client, "current_session", None)
+        return bool(client and not client.closed and session is not None and not session.closed)
+
+    async def quiesce(self) -> None:
+        """Shutting down, Socket Mode: close the WebSocket first, so that Slack hands new events
+        to the app's other connections (another replica) while the replies in flight finish
+        over the Web API; their Stop buttons still work from any replica (Redis pub/sub)."""
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
+
+    async def stop(self) -> None:
+        """Stop taking events, finish the replies in flight as stopped, close connections."""
+        await self.quiesce()
         turns = list(self._turns)
         for task in turns:
             task.cancel()

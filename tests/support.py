@@ -200,7 +200,9 @@ async def slack_bot(
     )
     parley = await Parley.open(settings)
     adapter = SlackAdapter(parley)
-    add_routes(parley, lambda: {"slack": True})  # /healthz, /readyz, /metrics, as `parley run`
+    add_routes(
+        parley, lambda: {"slack": adapter.ready}
+    )  # /healthz, /readyz, /metrics, as `parley run`
     runner = web.AppRunner(parley.http)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -299,6 +299,21 @@ async def test_list_models_of_an_empty_server_is_empty(kind: str) -> None:
             await backend.aclose()
 
 
+async def test_an_openai_server_that_reports_no_usage_is_counted_a_token_a_chunk(
+    model_server: FakeModelServer,
+) -> None:
+    """llama-cpp-python's server sends no usage chunk even when asked: the completion's tokens
+    are its chunks (a token each), so budgets and metrics still count its replies."""
+    model_server.script(Script(tokens=["Hel", "lo", " there", "!"], usage=False))
+    backend = make_backend("openai", model_server.url)
+    try:
+        done = (await collect(backend))[-1]
+    finally:
+        await backend.aclose()
+    assert isinstance(done, Done)
+    assert done.completion_tokens == 4 and done.prompt_tokens == 0
+
+
 async def test_openai_url_that_already_ends_in_v1_is_not_doubled(
     model_server: FakeModelServer,
 ) -> None:

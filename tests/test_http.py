@@ -62,15 +62,17 @@ async def test_readiness_fails_while_redis_is_down_but_liveness_holds(
         assert (await client.get("/healthz")).status_code == 200
 
 
-async def test_readiness_fails_when_no_backend_answers(
+async def test_readiness_reports_backends_down_but_stays_ready(
     stack: tuple[Parley, FakeModelServer, str],
 ) -> None:
+    """Every replica is as unable as the next without a model server: one that stays in its
+    load balancer tells people so, where one taken out of it leaves Slack's requests failing."""
     parley, models, url = stack
     await models.stop()
     parley.router.catalog_ttl = 0
     async with httpx.AsyncClient(base_url=url) as client:
         ready = await client.get("/readyz")
-        assert ready.status_code == 503
+        assert ready.status_code == 200
         assert ready.json()["backends"] == "none reachable"
 
 

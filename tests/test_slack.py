@@ -372,6 +372,31 @@ async def test_stop_on_a_reply_another_replica_writes_reaches_it(
         await until(lambda: model_server.disconnects == 1)
 
 
+async def test_a_replica_shutting_down_hands_new_events_to_the_others_and_finishes_its_reply(
+    slack: FakeSlack, model_server: FakeModelServer, redis_url: str
+) -> None:
+    """Socket Mode: a draining replica closes its WebSocket first (Slack then gives events to
+    the app's other connections) and its /readyz says so; the reply it writes still finishes."""
+    model_server.script(Script(tokens=word_pieces(REPLY), delay=0.02))
+    async with AsyncExitStack() as stack:
+        leaving = await stack.enter_async_context(
+            slack_bot(slack, model_server, redis_url, "socket")
+        )
+        staying = await stack.enter_async_context(
+            slack_bot(slack, model_server, redis_url, "socket")
+        )
+        assert leaving.adapter.ready and staying.adapter.ready
+        mention, _ = await streaming(slack, leaving, "go on")
+        await leaving.adapter.quiesce()
+        await slack.wait_for(lambda: slack.connections == 1)
+        assert not leaving.adapter.ready and staying.adapter.ready
+        # the one connection left is the staying replica's
+        later = slack.user_message(f"<@{BOT_USER_ID}> and then?", event_type="app_mention")
+        await send_event(slack, Bot(staying.parley, staying.adapter, "socket", "", 0), later)
+        await slack.wait_for(lambda: thread_text(slack, later["ts"]).startswith("You said"))
+        await slack.wait_for(lambda: thread_text(slack, mention["ts"]) == REPLY)
+
+
 # --- exactly once ---------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ class OpenAIBackend:
             reason: str | None = None
             usage: dict[str, Any] = {}
             calls = ToolCalls(self.name)  # arrive in pieces; given whole before Done
+            pieces = 0  # text chunks: the completion's tokens when the server reports none
             lines = timed_lines(response, self.name, self.timeouts)
             try:
                 async with contextlib.aclosing(lines):
@@ -68,7 +69,9 @@ class OpenAIBackend:
                             yield Done(
                                 reason=reason or "stop",
                                 prompt_tokens=count(usage.get("prompt_tokens")),
-                                completion_tokens=count(usage.get("completion_tokens")),
+                                # a server that reports no usage (llama-cpp-python's) streams a
+                                # token a chunk: counted so, budgets still count its replies
+                                completion_tokens=count(usage.get("completion_tokens")) or pieces,
                             )
                             await rest_of_body(lines)
                             return
@@ -83,6 +86,7 @@ class OpenAIBackend:
                         for chunk, finish in deltas_of(data, self.name):
                             started = started or chunk is not None
                             if chunk is not None:
+                                pieces += 1
                                 yield chunk
                             reason = finish or reason
             except httpx.TransportError as e:
@@ -92,7 +96,7 @@ class OpenAIBackend:
             if reason:  # some servers end after the finish chunk without [DONE]
                 for call in calls.whole():
                     yield call
-                yield Done(reason=reason)
+                yield Done(reason=reason, completion_tokens=pieces)
                 return
             raise BackendStreamError(self.name, "the stream ended without finishing")
         finally:

@@ -115,6 +115,7 @@ class Script:
     # in one chunk, the OpenAI kind in pieces (as OpenAI, vLLM and llama.cpp do) and ends with
     # finish_reason "tool_calls"
     tool_calls: list[tuple[str, Any]] = field(default_factory=list)
+    usage: bool = True  # False: no usage chunk even when asked for (llama-cpp-python's server)
 
 
 @dataclass
@@ -689,7 +690,7 @@ class _Run:
                 await self._write_sse(self._chunk({**self._role_delta(), "content": ""}, None))
             finish = self._chunk({}, reason)
             await self._write_sse(finish)
-            if self.include_usage:
+            if self.include_usage and self.script.usage:
                 finish["choices"] = []
                 finish["usage"] = usage
                 await self._write_sse(finish)
