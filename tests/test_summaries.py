@@ -53,6 +53,15 @@ def answers(server: FakeModelServer) -> list[dict[str, Any]]:
     return [r for r in server.chat_requests if r not in folds(server)]
 
 
+async def six_exchanges(app: Parley) -> None:
+    """A thread of six long exchanges, stored as the turns would have stored them."""
+    for i in range(6):
+        said = f"question {i}: {FILLER}"
+        await app.state.append(
+            KEY, HistoryEntry("user", said, "U1", "ada"), HistoryEntry("assistant", said)
+        )
+
+
 async def stored(app: Parley, key: ConversationKey = KEY) -> tuple[list[bytes], Summary]:
     return await app.state.whole_history(key)
 
@@ -168,11 +177,7 @@ async def test_two_replicas_never_fold_the_same_span_twice(
     one = await open_app(redis_url, model_server, summaries=False)
     two = await open_app(redis_url, model_server, summaries=False)
     try:
-        for i in range(6):
-            said = f"question {i}: {FILLER}"
-            await one.state.append(
-                KEY, HistoryEntry("user", said, "U1", "ada"), HistoryEntry("assistant", said)
-            )
+        await six_exchanges(one)
         fold = Fold(KEY, "llama3.2:latest", budget_tokens=400)
         done = await asyncio.gather(
             one.conversation.summaries.fold(fold), two.conversation.summaries.fold(fold)
@@ -192,11 +197,7 @@ async def test_a_history_that_moved_on_during_the_fold_is_not_folded(
     model_server.when(INSTRUCTIONS, Script(tokens=SUMMARY, first_delay=0.5))
     app = await open_app(redis_url, model_server, summaries=False)
     try:
-        for i in range(6):
-            said = f"question {i}: {FILLER}"
-            await app.state.append(
-                KEY, HistoryEntry("user", said, "U1", "ada"), HistoryEntry("assistant", said)
-            )
+        await six_exchanges(app)
         folding = asyncio.create_task(
             app.conversation.summaries.fold(Fold(KEY, "llama3.2:latest", budget_tokens=400))
         )
