@@ -30,7 +30,8 @@ lock:
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
 	.lockvenv/bin/python -m pip install -q --upgrade pip
 	.lockvenv/bin/python -m pip install -q -e .
-	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' \
+		| sed 's/^uvloop==.*/& ; sys_platform != "win32"/' > requirements.lock
 	.lockvenv/bin/python -m pip install -q -e '.[dev]'
 	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' \
 		| grep -vxF -f requirements.lock > requirements-dev.lock
