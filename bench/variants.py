@@ -29,9 +29,11 @@ import aiohttp
 import httpx
 
 from bot.backends.base import (
+    NO_OPTIONS,
     Chunk,
     Done,
     Message,
+    Options,
     Timeouts,
     error_text,
     make_client,
@@ -131,9 +133,13 @@ class AiohttpOllama:
             )
         return self._session
 
-    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
+    async def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
         try:
-            response = await self.session.post("api/chat", json=request_body(model, messages))
+            response = await self.session.post(
+                "api/chat", json=request_body(model, messages, options)
+            )
         except (aiohttp.ClientError, OSError) as e:
             raise BackendUnreachable(self.name, type(e).__name__) from e
         watchdog = IdleWatchdog(self.timeouts.first_chunk, self.timeouts.idle)
