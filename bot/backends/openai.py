@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from bot import fastjson
 from bot.backends.base import (
     NO_OPTIONS,
     Chunk,
@@ -69,7 +69,7 @@ class OpenAIBackend:
                             await rest_of_body(lines)
                             return
                         try:
-                            data = json.loads(payload)
+                            data = fastjson.loads(payload)
                         except ValueError:
                             raise BackendStreamError(self.name, "malformed output") from None
                         if isinstance(data, dict) and "error" in data:
