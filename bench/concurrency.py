@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ from bench.common import (
 )
 from bench.platform import PLATFORMS, FakePlatform, ReplyRecord
 from bench.variants import VARIANTS, install
-from bot import eventloop
 from bot.turn import ConversationKey
 
 MiB = 1024 * 1024
@@ -92,11 +91,15 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     run = f"r{args.run}"
     async with parley(config) as app:
         await install(app.router, args.variant)
+        warm = f"w{args.run}"
         if entries > 1:  # pin conversation i to backend entry i mod entries (setup, not measured)
-            for i in range(n):
-                key = ConversationKey(args.platform, f"S{run}-{i}", f"C{run}-{i}", "")
-                await app.state.set_preference(key, "model", f"b{i % entries}/{MODEL}")
+            for prefix in (run, warm) if args.warm else (run,):
+                for i in range(n):
+                    key = ConversationKey(args.platform, f"S{prefix}-{i}", f"C{prefix}-{i}", "")
+                    await app.state.set_preference(key, "model", f"b{i % entries}/{MODEL}")
         await run_turn(app, fake, "warm", 0)
+        if args.warm:  # as a busy process is: pools of Redis and backend connections, caches
+            await asyncio.gather(*(run_turn(app, fake, warm, i) for i in range(n)))
         fake.refused = fake.calls = 0
         idle = Monitor()  # what the lag monitor itself costs on an idle loop, per second
         idle.start()
@@ -119,8 +122,10 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
         profile = stop_profiler(profiler, args.profile)
     records = [t.result() for t in done if not t.cancelled() and t.exception() is None]
     errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
+    loop = asyncio.get_running_loop()
     return summarise(args, n, entries, records, errors, len(pending), fake, monitor, cpu, wall) | {
-        "loop": eventloop.loop_name(),
+        "loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
+        "warm": args.warm,
         "rss_before": rss_before,
         "profile": profile,
         "monitor_cost": monitor_cost,
@@ -261,6 +266,7 @@ async def run_level(
         str(args.redis_max_connections),
         "--variant",
         args.variant,
+        *(["--warm"] if args.warm else []),
     ]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, cwd=cwd
@@ -379,7 +385,8 @@ async def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def checkouts(revisions: list[str]) -> Iterator[dict[str, Path]]:
     """Each revision's tree: this checkout as it is for `.`, else a temporary git worktree of the
-    commit (removed afterwards), so that a child started there imports that code."""
+    commit (removed afterwards) with this checkout's bench/ in place of its own, so that a child
+    started there runs the same benchmark on that version's bot/ and adapters/."""
     root = Path(__file__).resolve().parent.parent
     trees: dict[str, Path] = {}
     made: list[Path] = []
@@ -396,6 +403,8 @@ def checkouts(revisions: list[str]) -> Iterator[dict[str, Path]]:
                 check=True,
             )
             made.append(path)
+            shutil.rmtree(path / "bench")  # this checkout's benchmark, that version's code
+            shutil.copytree(root / "bench", path / "bench", ignore=shutil.ignore_patterns("__py*"))
             trees[rev] = path
         yield trees
     finally:
@@ -411,7 +420,7 @@ def describe(rev: str, tree: Path) -> str:
     short = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True
     ).stdout.strip()
-    return f"{rev} = {short}"
+    return f"{rev} = {short} (its bot/ and adapters/, this checkout's bench/)"
 
 
 def carried(levels: list[int], lags: dict[int, list[float]], limit: float) -> str:
@@ -445,7 +454,8 @@ async def compare(args: argparse.Namespace) -> None:
         print(
             f"\nplatform {args.platform}, replies of {args.tokens} tokens at {args.tps} tokens/s "
             f"after a {args.ttft:.1f} s TTFT, {args.backend_procs} fake backend process(es), "
-            f"{args.repeat} round(s) per level\n",
+            f"{args.repeat} round(s) per level, "
+            f"{'warm (N turns before the measured N)' if args.warm else 'cold burst'}\n",
             flush=True,
         )
         async with redis_server() as redis_url, backends(options, args.backend_procs) as fakes:
@@ -504,6 +514,16 @@ def excl_monitor(r: dict[str, Any]) -> float:
     return float(max(0.0, r["cpu"] - r["monitor_cost"] * r["wall"]) / r["tokens"] * 1000)
 
 
+def run_child(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """On the loop `parley run` uses: bot/eventloop.py's, or asyncio.run for code from before it
+    (an older version's bot/ under --versions)."""
+    try:
+        from bot.eventloop import run
+    except ImportError:
+        return asyncio.run(main)
+    return run(main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="N simultaneous streams (see module doc).")
     parser.add_argument("--quick", action="store_true", help="1,50 streams of 60 tokens")
@@ -532,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. f09cfe2,.); each level's children alternate between them",
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds per level (--versions)")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="before the measured N, N turns in other channels: the steady state of a busy "
+        "process (its Redis and backend connections open, caches full) instead of a cold burst",
+    )
     # child-only
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -552,7 +578,7 @@ def main() -> None:
         args.streams, args.tokens = "1,50", 60
     if args.child:
         args.streams_n = int(args.streams)
-        emit_json(eventloop.run(child(args)))  # on the loop `parley run` uses
+        emit_json(run_child(child(args)))
         return
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(compare(args) if args.versions else parent(args))
