@@ -26,6 +26,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from bot import fastjson
 from bot.backends.base import Image
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
@@ -120,12 +121,12 @@ class HistoryEntry:
             data["images"] = list(self.images)
         if self.reply:
             data["reply"] = self.reply
-        return json.dumps(data, ensure_ascii=False)
+        return fastjson.dumps(data)
 
     @classmethod
     def from_json(cls, raw: str) -> HistoryEntry | None:
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data: dict[str, Any] = fastjson.loads(raw)
             return cls(
                 role=str(data["role"]),
                 content=str(data["content"]),
@@ -523,14 +524,14 @@ def image_id() -> str:
 
 
 def _image_json(image: Image) -> str:
-    return json.dumps({"t": image.media_type, "d": image.data})
+    return fastjson.dumps({"t": image.media_type, "d": image.data})
 
 
 def _images(raw: dict[Any, Any]) -> dict[str, Image]:
     found = {}
     for key, value in raw.items():
         try:
-            data = json.loads(_text(value))
+            data = fastjson.loads(_text(value))
             found[_text(key)] = Image(str(data["t"]), str(data["d"]))
         except (ValueError, KeyError, TypeError):
             continue  # a corrupt entry is skipped
