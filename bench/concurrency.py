@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -70,6 +70,7 @@ from bench.variants import VARIANTS, install
 from bot.turn import ConversationKey
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 
 # --- the child: one level of concurrency --------------------------------------------------------
@@ -514,13 +515,16 @@ def excl_monitor(r: dict[str, Any]) -> float:
     return float(max(0.0, r["cpu"] - r["monitor_cost"] * r["wall"]) / r["tokens"] * 1000)
 
 
-def run_child(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+def run_child(main: Coroutine[Any, Any, T]) -> T:
     """On the loop `parley run` uses: bot/eventloop.py's, or asyncio.run for code from before it
-    (an older version's bot/ under --versions)."""
-    try:
-        from bot.eventloop import run
-    except ImportError:
+    (an older version's bot/ under --versions, whose tree has no bot/eventloop.py: an editable
+    install of this checkout would otherwise lend it this one's)."""
+    import bot
+
+    if not (Path(bot.__file__).parent / "eventloop.py").exists():
         return asyncio.run(main)
+    from bot.eventloop import run
+
     return run(main)
 
 

@@ -210,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.streams, args.tokens, args.repeat, args.replies = 100, 60, 1, 100
-    asyncio.run(main_async(args))
+    concurrency.run_child(main_async(args))  # the hot path on the loop `parley run` uses
 
 
 if __name__ == "__main__":
