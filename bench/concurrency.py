@@ -38,9 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -62,6 +62,7 @@ from bench.common import (
     read_json,
     redis_server,
     rss_bytes,
+    run_like_parley,
     run_turn,
     settings,
 )
@@ -70,7 +71,6 @@ from bench.variants import VARIANTS, install
 from bot.turn import ConversationKey
 
 MiB = 1024 * 1024
-T = TypeVar("T")
 
 
 # --- the child: one level of concurrency --------------------------------------------------------
@@ -515,19 +515,6 @@ def excl_monitor(r: dict[str, Any]) -> float:
     return float(max(0.0, r["cpu"] - r["monitor_cost"] * r["wall"]) / r["tokens"] * 1000)
 
 
-def run_child(main: Coroutine[Any, Any, T]) -> T:
-    """On the loop `parley run` uses: bot/eventloop.py's, or asyncio.run for code from before it
-    (an older version's bot/ under --versions, whose tree has no bot/eventloop.py: an editable
-    install of this checkout would otherwise lend it this one's)."""
-    import bot
-
-    if not (Path(bot.__file__).parent / "eventloop.py").exists():
-        return asyncio.run(main)
-    from bot.eventloop import run
-
-    return run(main)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="N simultaneous streams (see module doc).")
     parser.add_argument("--quick", action="store_true", help="1,50 streams of 60 tokens")
@@ -582,7 +569,7 @@ def main() -> None:
         args.streams, args.tokens = "1,50", 60
     if args.child:
         args.streams_n = int(args.streams)
-        emit_json(run_child(child(args)))
+        emit_json(run_like_parley(child(args)))
         return
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(compare(args) if args.versions else parent(args))
