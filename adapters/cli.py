@@ -36,6 +36,7 @@ async def chat(settings: Settings, thread: str) -> int:
 
 
 async def run(settings: Settings) -> int:
+    log.info("event loop: %s", eventloop.loop_name())
     parley = await Parley.open(settings)
     adapters = platform_adapters(parley)
     if not adapters:

@@ -337,7 +337,7 @@ def run_like_parley(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     from bot.eventloop import run
 
-    return run(main)
+    return run(main, os.environ.get("PARLEY_EVENT_LOOP", "auto"))  # type: ignore[arg-type]
 
 
 def now() -> float:

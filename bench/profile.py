@@ -49,6 +49,23 @@ from bot.backends.ollama import OllamaBackend
 from bot.settings import BackendConfig
 
 READERS: dict[str, Any] = {"core": OllamaBackend, **VARIANTS}
+# The transport of 8abd922 takes asyncio's own transports only (it asserts asyncio.Transport,
+# which uvloop's are not): it runs where Parley runs on asyncio's loop (PARLEY_EVENT_LOOP=asyncio).
+ASYNCIO_ONLY = {"asyncio-transport"}
+
+
+def usable_readers() -> None:
+    """Drop the readers this process's loop cannot run (called on the running loop)."""
+    if eventloop_name() != "asyncio":
+        for name in ASYNCIO_ONLY:
+            if READERS.pop(name, None) is not None:
+                print(f"({name} left out: it needs asyncio's loop)\n", flush=True)
+
+
+def eventloop_name() -> str:
+    return (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
 
 
 async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> dict[str, Any]:
@@ -107,6 +124,7 @@ async def per_reply(url: str, reader: str, n: int) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> None:
     print_machine()
+    usable_readers()
     n = args.streams
     options = BackendOptions(tokens=args.tokens, tps="30,80", ttft=0.5)
 
