@@ -121,7 +121,7 @@ class HistoryEntry:
             data["images"] = list(self.images)
         if self.reply:
             data["reply"] = self.reply
-        return fastjson.dumps(data)
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str) -> HistoryEntry | None:
@@ -524,7 +524,7 @@ def image_id() -> str:
 
 
 def _image_json(image: Image) -> str:
-    return fastjson.dumps({"t": image.media_type, "d": image.data})
+    return json.dumps({"t": image.media_type, "d": image.data})
 
 
 def _images(raw: dict[Any, Any]) -> dict[str, Image]:
