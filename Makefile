@@ -25,14 +25,17 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Re-pin after changing dependencies in pyproject.toml.
+# Re-pin after changing dependencies in pyproject.toml. pip freeze drops environment markers:
+# MARKERS puts back pyproject's (uvloop is not built for Windows).
+MARKERS := s/^uvloop==.*/& ; sys_platform != "win32"/
 lock:
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
 	.lockvenv/bin/python -m pip install -q --upgrade pip
 	.lockvenv/bin/python -m pip install -q -e .
-	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' | sed '$(MARKERS)' \
+		> requirements.lock
 	.lockvenv/bin/python -m pip install -q -e '.[dev]'
-	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' \
+	.lockvenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' | sed '$(MARKERS)' \
 		| grep -vxF -f requirements.lock > requirements-dev.lock
 	rm -rf .lockvenv
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from adapters import platform_adapters
 from adapters.console import ConsoleAdapter
+from bot import eventloop
 from bot.app import Parley, check_redis
 from bot.errors import BackendError
 from bot.http import add_routes
@@ -35,6 +36,7 @@ async def chat(settings: Settings, thread: str) -> int:
 
 
 async def run(settings: Settings) -> int:
+    log.info("event loop: %s", eventloop.loop_name())
     parley = await Parley.open(settings)
     adapters = platform_adapters(parley)
     if not adapters:
@@ -142,6 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         case _:
             coroutine = run(settings)
     try:
-        sys.exit(asyncio.run(coroutine))
+        sys.exit(eventloop.run(coroutine, settings.event_loop))
     except KeyboardInterrupt:
         sys.exit(130)

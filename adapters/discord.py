@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,6 +66,14 @@ from bot.turn import (
 )
 
 log = logging.getLogger(__name__)
+
+# discord.py parses the gateway (and writes REST bodies) with orjson whenever it can import it,
+# and orjson is installed for Parley's own JSON (bot/fastjson.py). orjson refuses JSON that json
+# reads (a lone surrogate in a \u escape, NaN, a number beyond a double): one such event would
+# then fail in the gateway before the edge below checks it (tests/test_discord_fuzz.py).
+# discord.py keeps the stdlib's json, as it has without orjson installed.
+discord.utils._from_json = json.loads  # type: ignore[assignment]  # as discord.py sets it
+discord.utils._to_json = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=True)
 
 # Every send and edit carries this: nobody is pinged, not even the person replied to, whatever
 # the model writes (`@everyone`, `<@id>`, `<@&role>`).

@@ -64,6 +64,7 @@ from bench.common import (
     print_machine,
     print_table,
     redis_server,
+    run_like_parley,
     settings,
 )
 from bench.platform import NO_LIMITS, FakePlatform, ReplyRecord
@@ -695,7 +696,7 @@ def main() -> None:
         args.turns, args.follow_ups, args.repeat = 5, 3, 2
         args.stages = "1,4,8"
     args.stages = [int(n) for n in args.stages.split(",")]
-    asyncio.run(measure(args))
+    run_like_parley(measure(args))  # on the loop `parley run` uses
 
 
 if __name__ == "__main__":

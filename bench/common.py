@@ -12,9 +12,10 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -25,6 +26,7 @@ from bot.settings import Settings
 from bot.turn import ConversationKey, Turn
 
 MODEL = "llama3.2:latest"
+T = TypeVar("T")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -323,6 +325,19 @@ def read_json(stdout: str) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line[7:])
             return result
     raise RuntimeError("the child printed no result")
+
+
+def run_like_parley(main: Coroutine[Any, Any, T]) -> T:
+    """On the loop `parley run` uses: bot/eventloop.py's, or asyncio.run for code from before it
+    (an older version's bot/ under --versions, whose tree has no bot/eventloop.py: an editable
+    install of this checkout would otherwise lend it this one's)."""
+    import bot
+
+    if not (Path(bot.__file__).parent / "eventloop.py").exists():
+        return asyncio.run(main)
+    from bot.eventloop import run
+
+    return run(main, os.environ.get("PARLEY_EVENT_LOOP", "auto"))  # type: ignore[arg-type]
 
 
 def now() -> float:

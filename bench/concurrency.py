@@ -32,8 +32,14 @@ import argparse
 import asyncio
 import contextlib
 import math
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -45,6 +51,7 @@ from bench.common import (
     Monitor,
     backends,
     child_cpu_seconds,
+    code_version,
     cpu_seconds,
     emit_json,
     ms,
@@ -55,6 +62,7 @@ from bench.common import (
     read_json,
     redis_server,
     rss_bytes,
+    run_like_parley,
     run_turn,
     settings,
 )
@@ -84,11 +92,15 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     run = f"r{args.run}"
     async with parley(config) as app:
         await install(app.router, args.variant)
+        warm = f"w{args.run}"
         if entries > 1:  # pin conversation i to backend entry i mod entries (setup, not measured)
-            for i in range(n):
-                key = ConversationKey(args.platform, f"S{run}-{i}", f"C{run}-{i}", "")
-                await app.state.set_preference(key, "model", f"b{i % entries}/{MODEL}")
+            for prefix in (run, warm) if args.warm else (run,):
+                for i in range(n):
+                    key = ConversationKey(args.platform, f"S{prefix}-{i}", f"C{prefix}-{i}", "")
+                    await app.state.set_preference(key, "model", f"b{i % entries}/{MODEL}")
         await run_turn(app, fake, "warm", 0)
+        if args.warm:  # as a busy process is: pools of Redis and backend connections, caches
+            await asyncio.gather(*(run_turn(app, fake, warm, i) for i in range(n)))
         fake.refused = fake.calls = 0
         idle = Monitor()  # what the lag monitor itself costs on an idle loop, per second
         idle.start()
@@ -111,7 +123,10 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
         profile = stop_profiler(profiler, args.profile)
     records = [t.result() for t in done if not t.cancelled() and t.exception() is None]
     errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
+    loop = asyncio.get_running_loop()
     return summarise(args, n, entries, records, errors, len(pending), fake, monitor, cpu, wall) | {
+        "loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
+        "warm": args.warm,
         "rss_before": rss_before,
         "profile": profile,
         "monitor_cost": monitor_cost,
@@ -211,8 +226,14 @@ def stop_profiler(profiler: Any, kind: str) -> Any:
 
 
 async def run_level(
-    args: argparse.Namespace, redis_url: str, fakes: list[BackendProcess], n: int, run: int
+    args: argparse.Namespace,
+    redis_url: str,
+    fakes: list[BackendProcess],
+    n: int,
+    run: int,
+    cwd: Path | None = None,
 ) -> dict[str, Any]:
+    """One child at N streams; `cwd`: the checkout whose bench/ and bot/ it runs (this one)."""
     await asyncio.gather(*(f.reset() for f in fakes))
     redis = aioredis.Redis.from_url(redis_url)
     redis_cpu0 = await _redis_cpu(redis)
@@ -246,8 +267,11 @@ async def run_level(
         str(args.redis_max_connections),
         "--variant",
         args.variant,
+        *(["--warm"] if args.warm else []),
     ]
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, cwd=cwd
+    )
     stdout, _ = await process.communicate()
     result = read_json(stdout.decode())
     result["redis_cpu"] = await _redis_cpu(redis) - redis_cpu0
@@ -273,9 +297,7 @@ def row(r: dict[str, Any]) -> list[object]:
         f"{r['complete']}/{r['streams']}",
         r["wall"],
         r["cpu_per_1k"],
-        max(0.0, r["cpu"] - r["monitor_cost"] * r["wall"]) / r["tokens"] * 1000
-        if r["tokens"]
-        else float("nan"),
+        excl_monitor(r),
         r["peak_rss"] / MiB,
         (r["peak_rss"] - r["rss_before"]) / max(r["streams"], 1) / 1024,
         ms(r["lag_p99"]),
@@ -358,6 +380,141 @@ async def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+# --- code versions side by side: before and after a change, in one run -----------------------
+
+
+@contextlib.contextmanager
+def checkouts(revisions: list[str]) -> Iterator[dict[str, Path]]:
+    """Each revision's tree: this checkout as it is for `.`, else a temporary git worktree of the
+    commit (removed afterwards) with this checkout's bench/ in place of its own, so that a child
+    started there runs the same benchmark on that version's bot/ and adapters/."""
+    root = Path(__file__).resolve().parent.parent
+    trees: dict[str, Path] = {}
+    made: list[Path] = []
+    scratch = Path(tempfile.mkdtemp(prefix="parley-versions-"))
+    try:
+        for i, rev in enumerate(revisions):
+            if rev == ".":
+                trees[rev] = root
+                continue
+            path = scratch / str(i)
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", "--quiet", str(path), rev],
+                cwd=root,
+                check=True,
+            )
+            made.append(path)
+            shutil.rmtree(path / "bench")  # this checkout's benchmark, that version's code
+            shutil.copytree(root / "bench", path / "bench", ignore=shutil.ignore_patterns("__py*"))
+            trees[rev] = path
+        yield trees
+    finally:
+        for path in made:
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=root)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def describe(rev: str, tree: Path) -> str:
+    """What a version is: the commit (and, for `.`, its uncommitted changes under bot/)."""
+    if rev == ".":
+        return f"this checkout: {code_version()}"
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True
+    ).stdout.strip()
+    return f"{rev} = {short} (its bot/ and adapters/, this checkout's bench/)"
+
+
+def carried(levels: list[int], lags: dict[int, list[float]], limit: float) -> str:
+    """The most streams whose loop lag p99 (median over rounds) stays under `limit`, with every
+    level below it also under: `≥ L` (and `< next` when a level above was measured)."""
+    best: int | None = None
+    for n in levels:
+        if statistics.median(lags[n]) >= limit:
+            break
+        best = n
+    above = [n for n in levels if best is None or n > best]
+    if best is None:
+        return f"< {levels[0]}"
+    return f"{best}–{above[0]}" if above else f"≥ {best}"
+
+
+async def compare(args: argparse.Namespace) -> None:
+    """--versions: every level, --repeat rounds, each version's child in turn (the order swapped
+    every round), on one Redis and one set of fake backends; tables of each, then side by side."""
+    print_machine()
+    revisions = args.versions.split(",")
+    levels = [int(x) for x in args.streams.split(",")]
+    options = BackendOptions(tokens=args.tokens, tps=args.tps, ttft=args.ttft, impl=args.impl)
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {
+        rev: {n: [] for n in levels} for rev in revisions
+    }
+    with checkouts(revisions) as trees:
+        names = {rev: describe(rev, trees[rev]) for rev in revisions}
+        for rev in revisions:
+            print(f"version {rev}: {names[rev]}")
+        print(
+            f"\nplatform {args.platform}, replies of {args.tokens} tokens at {args.tps} tokens/s "
+            f"after a {args.ttft:.1f} s TTFT, {args.backend_procs} fake backend process(es), "
+            f"{args.repeat} round(s) per level, "
+            f"{'warm (N turns before the measured N)' if args.warm else 'cold burst'}\n",
+            flush=True,
+        )
+        async with redis_server() as redis_url, backends(options, args.backend_procs) as fakes:
+            run = 0
+            for n in levels:
+                for round_ in range(args.repeat):
+                    order = revisions if round_ % 2 == 0 else revisions[::-1]
+                    for rev in order:
+                        result = await run_level(args, redis_url, fakes, n, run, trees[rev])
+                        run += 1
+                        results[rev][n].append(result)
+                        print(
+                            f"  {rev} at {n}: {result['complete']}/{n} complete, "
+                            f"{result['cpu_per_1k'] * 1000:.1f} ms CPU/1k tok, lag p99 "
+                            f"{ms(result['lag_p99']):.0f} ms, {result.get('loop', 'asyncio')}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    for rev in revisions:
+        rows = [
+            [result.get("loop", "asyncio"), *row(result)]
+            for n in levels
+            for result in results[rev][n]
+        ]
+        print_table(f"{rev} ({names[rev]})", ["loop", *HEADERS], rows)
+    first = revisions[0]
+    side: list[list[object]] = []
+    for n in levels:
+        base = statistics.mean(r["cpu_per_1k"] for r in results[first][n])
+        cells: list[object] = [n]
+        for rev in revisions:
+            cpu = statistics.mean(r["cpu_per_1k"] for r in results[rev][n])
+            excl = statistics.mean(excl_monitor(r) for r in results[rev][n])
+            each = " ".join(f"{ms(r['lag_p99']):.0f}" for r in results[rev][n])
+            cells += [ms(cpu), ms(excl), f"{cpu / base:.2f}x", each]
+        side.append(cells)
+    headers = ["streams"]
+    for rev in revisions:
+        headers += [f"{rev} ms/1k", "excl. mon.", "vs " + first, "lag p99 ms"]
+    print_table("CPU per 1,000 tokens end to end and loop lag, side by side", headers, side)
+    for rev in revisions:
+        lags = {n: [r["lag_p99"] for r in results[rev][n]] for n in levels}
+        print(f"streams with loop lag p99 < 50 ms, {rev}: {carried(levels, lags, 0.050)}")
+    print(
+        "\nms/1k: Parley's CPU per 1,000 tokens (mean of the rounds); excl. mon.: less the lag "
+        "monitor's own cost on an idle loop; lag p99: each round's. Streams carried: the largest "
+        "level whose median lag p99 over the rounds is under 50 ms, every level below it too."
+    )
+
+
+def excl_monitor(r: dict[str, Any]) -> float:
+    """CPU seconds per 1,000 tokens less the lag monitor's own cost (measured on the idle loop
+    just before the run)."""
+    if not r["tokens"]:
+        return float("nan")
+    return float(max(0.0, r["cpu"] - r["monitor_cost"] * r["wall"]) / r["tokens"] * 1000)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="N simultaneous streams (see module doc).")
     parser.add_argument("--quick", action="store_true", help="1,50 streams of 60 tokens")
@@ -380,6 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="per level, seconds")
     parser.add_argument("--profile", default="none", choices=["none", "cprofile", "sample"])
+    parser.add_argument(
+        "--versions",
+        help="compare code versions in one run: git revisions, `.` for this checkout as it is "
+        "(e.g. f09cfe2,.); each level's children alternate between them",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per level (--versions)")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="before the measured N, N turns in other channels: the steady state of a busy "
+        "process (its Redis and backend connections open, caches full) instead of a cold burst",
+    )
     # child-only
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -400,10 +569,10 @@ def main() -> None:
         args.streams, args.tokens = "1,50", 60
     if args.child:
         args.streams_n = int(args.streams)
-        emit_json(asyncio.run(child(args)))
+        emit_json(run_like_parley(child(args)))
         return
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(parent(args))
+        asyncio.run(compare(args) if args.versions else parent(args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 It speaks the wire format of /work/shared/protocols/ollama.md section 1: `POST /api/chat` answers
 200 `application/x-ndjson`, one compact JSON object per line, one HTTP chunk per line (as Go's
 `http.Flusher` does), content pieces first, then a `done:true` line with the metrics in integer
-nanoseconds; `GET /api/tags` lists the models; an unknown model gets 404 `{"error": …}`.
+nanoseconds; `GET /api/tags` lists the models; `POST /api/show` says what a model can do and its
+context length (a text model), so Parley caches it as it would a real Ollama's answer (without
+it, every turn asked again: an answer that could not be had is not cached); an unknown model gets
+404 `{"error": …}`.
 
 What makes it lean: one asyncio Protocol per connection, no framework, and one timer for every
 stream in the process (a heap of due times) instead of one sleeping task per stream, so a single
@@ -330,8 +333,30 @@ class BackendServer:
             conn.respond(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif method == "POST" and path == "/api/chat":
             self.chat(conn, body)
+        elif method == "POST" and path == "/api/show":
+            self.show(conn, body)
         else:
             conn.respond(404, b"404 page not found", "text/plain")
+
+    def show(self, conn: BackendConnection, body: bytes) -> None:
+        """What the model can do and its context length, as Ollama's /api/show says (the
+        fields Parley reads): a text model, 128K tokens trained."""
+        json_ct = "application/json; charset=utf-8"
+        try:
+            model = str(json.loads(body).get("model") or "")
+        except (ValueError, AttributeError):
+            conn.respond(400, b'{"error":"unexpected EOF"}', json_ct)
+            return
+        wanted = model if ":" in model.rsplit("/", 1)[-1] else model + ":latest"
+        if wanted not in self.config.models:
+            conn.respond(404, json.dumps({"error": f"model '{model}' not found"}).encode(), json_ct)
+            return
+        show = {
+            "details": {"format": "gguf", "family": "llama", "families": ["llama"]},
+            "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
+            "capabilities": ["completion", "tools"],
+        }
+        conn.respond(200, json.dumps(show).encode(), json_ct)
 
     def chat(self, conn: BackendConnection, body: bytes) -> None:
         json_ct = "application/json; charset=utf-8"

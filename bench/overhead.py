@@ -29,6 +29,7 @@ from bench.common import (
     print_machine,
     print_table,
     redis_server,
+    run_like_parley,
     run_turn,
     settings,
 )
@@ -171,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.turns, args.concurrency, args.ttft = 20, 5, "0.5"
-    asyncio.run(main_async(args))
+    run_like_parley(main_async(args))  # on the loop `parley run` uses
 
 
 if __name__ == "__main__":

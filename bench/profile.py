@@ -1,6 +1,6 @@
 """Profile: where Parley's CPU goes under many concurrent streams, and what a fix would gain.
 
-    python -m bench.profile [--quick] [--streams 300] [--repeat 2]
+    python -m bench.profile [--quick] [--streams 300] [--repeat 2] [--split 40,400] [--warm]
 
 1. Where the CPU goes: the concurrency benchmark at --streams in a child process, sampled by
    bench/sampler.py (SIGPROF every 1 ms of CPU): shares by package and the hottest functions.
@@ -11,6 +11,10 @@
    Parley's Router in place of the core's backend object), same table as bench.concurrency.
 4. Per reply: short replies (10 tokens, no wait) one after another through one client, per
    reader: the fixed cost of a request (connection, pool, headers), CPU and wall time per reply.
+5. Fixed and per token: the concurrency benchmark at --streams with short and with long replies
+   (--split), solved for what a reply costs once and what each token adds, end to end.
+
+It all runs on the loop `parley run` uses (bot/eventloop.py).
 
 `asyncio-transport` (the core's transport before httpx-aiohttp, see bench/variants.py) puts None
 in sys.modules for `sniffio` when it is first used, as it did in the core: that entry is
@@ -37,6 +41,7 @@ from bench.common import (
     print_machine,
     print_table,
     redis_server,
+    run_like_parley,
 )
 from bench.variants import VARIANTS
 from bot.backends.base import Content, Message, Timeouts
@@ -44,6 +49,23 @@ from bot.backends.ollama import OllamaBackend
 from bot.settings import BackendConfig
 
 READERS: dict[str, Any] = {"core": OllamaBackend, **VARIANTS}
+# The transport of 8abd922 takes asyncio's own transports only (it asserts asyncio.Transport,
+# which uvloop's are not): it runs where Parley runs on asyncio's loop (PARLEY_EVENT_LOOP=asyncio).
+ASYNCIO_ONLY = {"asyncio-transport"}
+
+
+def usable_readers() -> None:
+    """Drop the readers this process's loop cannot run (called on the running loop)."""
+    if eventloop_name() != "asyncio":
+        for name in ASYNCIO_ONLY:
+            if READERS.pop(name, None) is not None:
+                print(f"({name} left out: it needs asyncio's loop)\n", flush=True)
+
+
+def eventloop_name() -> str:
+    return (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
 
 
 async def read_streams(url: str, reader: str, n: int, per_client: int = 100) -> dict[str, Any]:
@@ -102,12 +124,13 @@ async def per_reply(url: str, reader: str, n: int) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> None:
     print_machine()
+    usable_readers()
     n = args.streams
     options = BackendOptions(tokens=args.tokens, tps="30,80", ttft=0.5)
 
     # 1. where the CPU goes
     base = concurrency.build_parser().parse_args([])
-    base.tokens, base.profile = args.tokens, "sample"
+    base.tokens, base.profile, base.warm = args.tokens, "sample", args.warm
     async with redis_server() as redis_url, backends(options, 1) as fakes:
         print(f"1. Where the CPU goes: {n} streams, core reader, sampled\n", flush=True)
         base.variant = "core"
@@ -197,6 +220,49 @@ async def main_async(args: argparse.Namespace) -> None:
         rows,
     )
 
+    # 5. a reply's fixed cost and each token's
+    if args.split:
+        async with redis_server() as redis_url:
+            await split_cost(args, redis_url)
+
+
+async def split_cost(args: argparse.Namespace, redis_url: str) -> None:
+    """5. What a reply costs once and what each token adds: the concurrency benchmark at
+    --streams with short and long replies (--split tokens), solved for the two."""
+    short, long_ = (int(x) for x in args.split.split(","))
+    base = concurrency.build_parser().parse_args([])
+    base.warm = args.warm
+    cpu: dict[int, list[float]] = {short: [], long_: []}
+    edits: dict[int, list[float]] = {short: [], long_: []}
+    for tokens in (short, long_):
+        base.tokens = tokens
+        async with backends(BackendOptions(tokens=tokens, tps="30,80", ttft=0.5), 2) as fakes:
+            for round_ in range(args.repeat):
+                r = await concurrency.run_level(
+                    base, redis_url, fakes, args.streams, 500 + 10 * round_ + tokens
+                )
+                cpu[tokens].append(concurrency.excl_monitor(r) * tokens / 1000)  # s per reply
+                edits[tokens].append(r["edits_mean"])
+    per_reply = {t: sum(v) / len(v) for t, v in cpu.items()}
+    per_token = (per_reply[long_] - per_reply[short]) / (long_ - short)
+    fixed = per_reply[short] - short * per_token
+    rows = [
+        [t, args.streams, ms(per_reply[t]), sum(edits[t]) / len(edits[t]), ms(per_reply[t]) / t]
+        for t in (short, long_)
+    ]
+    print_table(
+        f"5. A reply's fixed cost and each token's, {args.streams} streams "
+        f"({'warm' if args.warm else 'cold burst'}, {args.repeat} rounds each, excl. monitor)",
+        ["tokens/reply", "streams", "CPU ms/reply", "edits/reply", "ms per token"],
+        rows,
+    )
+    print(
+        f"each token: {per_token * 1e6:.1f} µs (with the edits that grow with a reply's length); "
+        f"each reply once: {ms(fixed):.2f} ms (Redis round trips, the request, placeholder, "
+        f"final edit); so at 200 tokens a reply: {(per_token + fixed / 200) * 1e6:.0f} ms per "
+        f"1,000 tokens\n"
+    )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Profile the hot path (see module doc).")
@@ -207,10 +273,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--replies", type=int, default=300, help="per reader and round, in (4)")
+    parser.add_argument(
+        "--split", default="40,400", help="short,long tokens per reply in (5); empty: skip (5)"
+    )
+    parser.add_argument("--warm", action="store_true", help="(1), (3), (5) in a warm process")
     args = parser.parse_args()
     if args.quick:
         args.streams, args.tokens, args.repeat, args.replies = 100, 60, 1, 100
-    asyncio.run(main_async(args))
+    run_like_parley(main_async(args))  # the hot path on the loop `parley run` uses
 
 
 if __name__ == "__main__":

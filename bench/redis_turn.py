@@ -37,6 +37,7 @@ from bench.common import (
     print_machine,
     print_table,
     redis_server,
+    run_like_parley,
     run_turn,
     settings,
 )
@@ -361,7 +362,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.turns = 5
-    asyncio.run(measure(args))
+    run_like_parley(measure(args))  # on the loop `parley run` uses
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ WATCH = (
     ("aiohttp: each packet (C parser)", "aiohttp/client_proto.py", "data_received"),
     ("h11: HTTP/1.1 chunked parsing (httpcore)", "httpcore/_async/http11.py", "_receive_event"),
     ("json.loads of each line", "json/__init__.py", "loads"),
+    ("orjson (or json) of each line, history", "bot/fastjson.py", "loads"),
+    ("aiohttp: the body, read directly (timed_lines)", "aiohttp/streams.py", "readany"),
     ("renderer.feed() per chunk", "bot/streaming.py", "feed"),
     ("redis-py: importlib.metadata per new connection", "redis/utils.py", "get_lib_version"),
     ("per-user rate check (limits library)", "bot/ratelimit.py", "check_rate"),

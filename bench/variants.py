@@ -11,6 +11,9 @@ the same typed chunks and errors, so a Router can be handed one in place of the 
   aiohttp            aiohttp's client used directly, with the same line loop and one idle
                      watchdog per stream: the yardstick for what httpx's own layers still cost
                      on top of aiohttp.
+  floor              no HTTP library: a raw asyncio Protocol per request, orjson and the core's
+                     `chunks_of` per line. Not a client (no pool, no timeouts, minimal HTTP):
+                     what the socket, the loop and the JSON alone cost per token.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import aiohttp
 import httpx
 
 from bot.backends.base import (
+    NO_OPTIONS,
     Chunk,
     Done,
     Message,
+    Options,
     Timeouts,
     error_text,
     make_client,
@@ -131,9 +136,13 @@ class AiohttpOllama:
             )
         return self._session
 
-    async def chat(self, model: str, messages: list[Message]) -> AsyncIterator[Chunk]:
+    async def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
         try:
-            response = await self.session.post("api/chat", json=request_body(model, messages))
+            response = await self.session.post(
+                "api/chat", json=request_body(model, messages, options)
+            )
         except (aiohttp.ClientError, OSError) as e:
             raise BackendUnreachable(self.name, type(e).__name__) from e
         watchdog = IdleWatchdog(self.timeouts.first_chunk, self.timeouts.idle)
@@ -180,9 +189,105 @@ class AiohttpOllama:
             await self._session.close()
 
 
+class _NdjsonLines(asyncio.Protocol):
+    """One /api/chat answer on its own connection: the JSON lines of its chunked body, handed to
+    the reader once per packet. Only what a floor needs: status 200 or not, lines that start with
+    `{`, the last chunk `0\r\n\r\n`; no pool, no timeouts, no other framing."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.status = 0
+        self.pending = b""
+        self.lines: list[bytes] = []
+        self.ended = False
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if not self.status:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(self.head.split(b" ", 2)[1])
+            data, self.head = self.head[end + 4 :], b""
+        data = self.pending + data
+        parts = data.split(b"\n")
+        self.pending = parts.pop()
+        self.lines += [p for p in parts if p.startswith(b"{")]
+        if data.endswith(b"0\r\n\r\n"):
+            self.ended = True
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class FloorOllama:
+    """A floor, not a client: a raw asyncio Protocol per request, minimal HTTP/1.1, orjson and
+    the core's `chunks_of` per line. What reading a token costs with no HTTP library at all:
+    the socket, the loop, one wake-up per packet, the JSON and the typed chunk."""
+
+    def __init__(self, config: BackendConfig, timeouts: Timeouts | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        self.url = httpx.URL(config.url)
+
+    async def chat(
+        self, model: str, messages: list[Message], options: Options = NO_OPTIONS
+    ) -> AsyncIterator[Chunk]:
+        import orjson
+
+        loop = asyncio.get_running_loop()
+        host, port = self.url.host, self.url.port or 80
+        try:
+            transport, lines = await loop.create_connection(_NdjsonLines, host, port)
+        except OSError as e:
+            raise BackendUnreachable(self.name, type(e).__name__) from e
+        body = orjson.dumps(request_body(model, messages, options))
+        transport.write(
+            f"POST /api/chat HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        try:
+            while True:
+                while not lines.lines and not lines.ended:
+                    lines.waiter = loop.create_future()
+                    await lines.waiter
+                if lines.status != 200:
+                    raise status_error(self.name, model, lines.status, "", httpx.Headers())
+                batch, lines.lines = lines.lines, []
+                for line in batch:
+                    for chunk in chunks_of(orjson.loads(line), self.name):
+                        yield chunk
+                        if isinstance(chunk, Done):
+                            return
+                if lines.ended:
+                    raise BackendStreamError(self.name, "the stream ended without finishing")
+        finally:
+            transport.close()
+
+    async def list_models(self) -> list[str]:
+        async with httpx.AsyncClient(base_url=self.config.url) as client:
+            data = (await client.get("/api/tags")).json()
+        return [str(m["name"]) for m in data.get("models") or []]
+
+    async def aclose(self) -> None:
+        pass
+
+
 VARIANTS: dict[str, type[Any]] = {
     "asyncio-transport": BeforeOllama,
     "aiohttp": AiohttpOllama,
+    "floor": FloorOllama,
 }
 
 

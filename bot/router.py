@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -112,6 +113,7 @@ class Router:
         self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
         self.vision_globs = vision_globs  # models of non-Ollama backends that see images
         self._profiles: dict[tuple[str, str], tuple[ModelInfo, float]] = {}  # → (info, until)
+        self._asking: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}  # /api/show in flight
 
     @classmethod
     def from_settings(cls, settings: Settings, *, ttl: float | None = None) -> Router:
@@ -168,15 +170,21 @@ class Router:
     async def profile(self, model: str) -> ModelInfo:
         """What `model` can do and how much it reads, from the backend that would answer it: an
         Ollama says (/api/show); for other servers the operator's globs say which see images
-        (PARLEY_VISION_MODELS). Cached like the catalog, for at least five minutes; an answer
-        that could not be had is not cached (asked again next time)."""
+        (PARLEY_VISION_MODELS). Cached like the catalog, for at least five minutes; turns that
+        ask while it is being asked wait for that one answer; an answer that could not be had is
+        not cached (asked again next time)."""
         backend, name = (await self.candidates(model))[0]
         cached = self._profiles.get((backend.name, name))
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
         if isinstance(backend, OllamaBackend):
+            key = (backend.name, name)
+            asking = self._asking.get(key)
+            if asking is None:  # one /api/show at a time: a burst of turns waits for the same
+                asking = self._asking[key] = asyncio.ensure_future(backend.show(name))
+                asking.add_done_callback(functools.partial(self._asked, key))
             try:
-                info = await backend.show(name)
+                info = await asyncio.shield(asking)
             except BackendError as e:
                 log.warning("backend %s: cannot tell what %s can do: %s", backend.name, name, e)
                 return ModelInfo()
@@ -186,6 +194,11 @@ class Router:
         until = time.monotonic() + max(self.catalog_ttl, 300)
         self._profiles[(backend.name, name)] = (info, until)
         return info
+
+    def _asked(self, key: tuple[str, str], asking: asyncio.Future[ModelInfo]) -> None:
+        del self._asking[key]
+        if not asking.cancelled():
+            asking.exception()  # retrieved here too: every waiter may have gone meanwhile
 
     async def sees_images(self, model: str) -> bool:
         """Whether `model` takes images (`vision` in its profile)."""

@@ -239,6 +239,7 @@ class Settings(BaseSettings):
     http_port: int = Field(default=3000, ge=0, le=65535)
     http_host: str = "0.0.0.0"
     shutdown_grace: float = Field(default=20.0, ge=0)  # seconds replies get to finish on SIGTERM
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"  # auto: uvloop where installed
 
     # --- Slack ---
     slack_bot_token: SecretStr | None = None

@@ -26,6 +26,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from bot import fastjson
 from bot.backends.base import Image, ToolCall
 from bot.errors import ThreadBusy
 from bot.turn import ConversationKey
@@ -163,7 +164,7 @@ class HistoryEntry:
     @classmethod
     def from_json(cls, raw: str) -> HistoryEntry | None:
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data: dict[str, Any] = fastjson.loads(raw)
             return cls(
                 role=str(data["role"]),
                 content=str(data["content"]),
@@ -664,7 +665,7 @@ def _images(raw: dict[Any, Any]) -> dict[str, Image]:
     found = {}
     for key, value in raw.items():
         try:
-            data = json.loads(_text(value))
+            data = fastjson.loads(_text(value))
             found[_text(key)] = Image(str(data["t"]), str(data["d"]))
         except (ValueError, KeyError, TypeError):
             continue  # a corrupt entry is skipped

@@ -3,13 +3,15 @@ fake model server per test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
+from bot import eventloop
 from bot.embedded_redis import EmbeddedRedis
 from tests.fakes.model_server import FakeModelServer
 
@@ -18,6 +20,19 @@ from tests.fakes.model_server import FakeModelServer
 settings.register_profile("suite", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop each async test runs on: the one `parley run` uses (bot/eventloop.py: uvloop
+    where it is installed), so that the core, discord.py, slack-bolt, aiohttp and redis-py are
+    tested on it; PARLEY_EVENT_LOOP=asyncio runs the suite on asyncio's own. looptime's tests
+    keep asyncio's loop: looptime replaces that loop's clock, and cannot patch uvloop's."""
+    if item.get_closest_marker("looptime") is not None:
+        return {"asyncio": asyncio.new_event_loop}
+    factory = eventloop.loop_factory(os.environ.get("PARLEY_EVENT_LOOP", "auto"))  # type: ignore[arg-type]
+    return {"uvloop" if factory is not asyncio.new_event_loop else "asyncio": factory}
 
 
 @pytest.fixture(scope="session")

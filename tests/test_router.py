@@ -268,3 +268,13 @@ async def test_closing_a_generation_disconnects_so_the_model_stops(
     await generation.aclose()
     await until(lambda: first.disconnects == 1, within=2.0)
     assert first.completed == 0
+
+
+async def test_a_burst_of_turns_asks_what_a_model_can_do_once(
+    router: Router, first: FakeModelServer
+) -> None:
+    infos = await asyncio.gather(*(router.profile("a/llama3.2:latest") for _ in range(20)))
+    assert len(set(infos)) == 1
+    assert [r.path for r in first.requests].count("/api/show") == 1
+    await router.profile("a/llama3.2:latest")  # cached
+    assert [r.path for r in first.requests].count("/api/show") == 1

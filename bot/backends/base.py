@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
 
 from bot.errors import (
     BackendBadRequest,
@@ -182,13 +184,33 @@ class BackendTransport(AiohttpTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await super().handle_async_request(request)
+            response = await super().handle_async_request(request)
+            if isinstance(response.stream, AiohttpResponseStream):  # its reader: body_reader
+                response.extensions[BODY] = response.stream._aiohttp_response.content
+            return response
         except httpx.ConnectTimeout as e:
             if isinstance(e.__cause__, aiohttp.ServerTimeoutError):
                 raise
             raise httpx.ConnectError(str(e)) from e.__cause__
         except aiohttp.ClientError as e:
             raise httpx.RemoteProtocolError(str(e) or type(e).__name__) from e
+
+
+# A response's aiohttp StreamReader, when BackendTransport made it (see `body_reader`).
+BODY = "parley.body"
+
+
+def body_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes]]:
+    """What reads the body, the next bytes as they arrive (b"" at its end): aiohttp's own reader
+    where the body came through BackendTransport and is not encoded; else httpx's decoded
+    iterator. The first skips httpx's and httpx-aiohttp's four iterators per chunk (its errors
+    are aiohttp's: `timed_lines` turns them into httpx's, as httpx-aiohttp would).
+    """
+    content = response.extensions.get(BODY)
+    if content is not None and response.headers.get("content-encoding", "identity") == "identity":
+        return content.readany  # type: ignore[no-any-return]
+    chunks = response.aiter_bytes()  # not aiter_raw: a proxy may gzip the stream
+    return functools.partial(anext, chunks, b"")
 
 
 def make_client(
@@ -365,21 +387,23 @@ async def timed_lines(
     httpx's text and line decoders, and timed by one `StallTimer` per stream.
     """
     timer = StallTimer(timeouts.first_chunk, timeouts.idle)
-    raw = response.aiter_bytes()  # not aiter_raw: a proxy may gzip the stream (Content-Encoding)
+    read = body_reader(response)
     pending = b""
     try:
         while True:
             timer.wait()
             try:
-                data = await anext(raw)
-            except StopAsyncIteration:
-                break
+                data = await read()
             except asyncio.CancelledError:
                 if timer.ours():
                     raise BackendTimeout(backend, f"no output for {timer.limit:.0f}s") from None
                 raise
+            except aiohttp.ClientError as e:  # from aiohttp's reader: as httpx-aiohttp maps it
+                raise httpx.ReadError(str(e) or type(e).__name__) from e
             finally:
                 timer.since = None
+            if not data:
+                break
             if pending:
                 data = pending + data
             lines = data.splitlines()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from bot import fastjson
 from bot.backends.base import (
     NO_OPTIONS,
     Chunk,
@@ -151,7 +151,7 @@ class OllamaBackend:
                 async with contextlib.aclosing(lines):
                     async for line in lines:
                         try:
-                            data: dict[str, Any] = json.loads(line)
+                            data: dict[str, Any] = fastjson.loads(line)
                         except ValueError:
                             raise BackendStreamError(self.name, "malformed output") from None
                         for chunk in chunks_of(data, self.name):

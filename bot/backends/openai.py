@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from bot import fastjson
 from bot.backends.base import (
     NO_OPTIONS,
     Chunk,
@@ -76,7 +77,7 @@ class OpenAIBackend:
                             await rest_of_body(lines)
                             return
                         try:
-                            data = json.loads(payload)
+                            data = fastjson.loads(payload)
                         except ValueError:
                             raise BackendStreamError(self.name, "malformed output") from None
                         if isinstance(data, dict) and "error" in data:
