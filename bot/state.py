@@ -104,6 +104,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
+# Keep a lock ARGV[2] ms more, only if it still holds our token.
+HOLD_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -238,6 +246,7 @@ class State:
         self._release = redis.register_script(RELEASE_LOCK)
         self._calibrate = redis.register_script(CALIBRATE)
         self._fold = redis.register_script(FOLD_HISTORY)
+        self._hold = redis.register_script(HOLD_LOCK)
 
     # --- keys ---
     def history_key(self, key: ConversationKey) -> str:
@@ -317,6 +326,10 @@ class State:
 
     async def release_folding(self, key: ConversationKey, token: str) -> None:
         await self._release(keys=[self.folding_key(key)], args=[token])
+
+    async def hold_folding(self, key: ConversationKey, token: str, *, expire: float) -> None:
+        """Keep the claim `expire` more seconds (a fold failed: let the thread rest)."""
+        await self._hold(keys=[self.folding_key(key)], args=[token, max(1, int(expire * 1000))])
 
     async def whole_history(self, key: ConversationKey) -> tuple[list[bytes], Summary]:
         """Every stored entry of the thread, as stored (to fold exactly those), and its summary."""

@@ -34,6 +34,12 @@ KEEP_ENTRIES = 2  # the newest exchange is never folded (a follow-up refers to i
 SUMMARY_TOKENS = 400  # the summary's cap: what it may cost every later prompt
 SUMMARY_WORDS = 200
 MIN_ROOM = 64  # tokens of conversation a summary request must have room for
+RETRY_AFTER = 60.0  # seconds a thread's folds rest after one failed
+
+
+class Unfolded(Exception):
+    """A fold that could not be done (the history stays whole)."""
+
 
 INSTRUCTIONS = (
     "You maintain the running summary of a team chat between people and an AI assistant, for "
@@ -128,22 +134,30 @@ class Summaries:
         await asyncio.gather(*self._running, return_exceptions=True)
 
     async def fold(self, fold: Fold) -> bool:
-        """Fold the thread's turns that no longer fit; never raises."""
+        """Fold the thread's turns that no longer fit; never raises. After a failure the
+        thread's claim is kept RETRY_AFTER seconds: a summary model that is down is not asked
+        again by each of the thread's turns."""
         timeout = self.settings.turn_timeout
         try:
             claim = await self.state.claim_folding(fold.key, expire=timeout + 5)
             if claim is None:
                 return False  # another turn or replica is folding this thread
+            done = False
             try:
                 async with asyncio.timeout(timeout):
-                    return await self._fold(fold)
+                    folded = await self._fold(fold)
+                done = True
+                return folded
             finally:
-                await self.state.release_folding(fold.key, claim)
+                if done:
+                    await self.state.release_folding(fold.key, claim)
+                else:
+                    await self.state.hold_folding(fold.key, claim, expire=RETRY_AFTER)
         except TimeoutError:
             log.warning("a thread's summary took over %.0f s: its history is kept whole", timeout)
         except REDIS_DOWN as e:
             log.warning("redis unavailable: a thread's summary is not kept: %s", e)
-        except (BackendError, ParleyError) as e:
+        except (BackendError, ParleyError, Unfolded) as e:
             log.warning("a thread's summary failed (its history is kept whole): %s", e)
         except Exception:
             log.exception("a thread's summary failed unexpectedly (its history is kept whole)")
@@ -166,8 +180,7 @@ class Summaries:
         asked = request(summary.text, [])
         room = asking.window - cap - sum(estimate_tokens(m.content) for m in asked) - 16
         if room < MIN_ROOM:
-            log.warning("%s's window is too small to summarise a thread with: not folded", model)
-            return False
+            raise Unfolded(f"{model}'s window is too small to summarise a thread with")
         taken, used = 0, 0
         for entry in entries[:n]:
             used += estimate_tokens(entry.content) + PER_MESSAGE_TOKENS
@@ -184,8 +197,7 @@ class Summaries:
         options = Options(temperature=0.2, num_ctx=asking.window, num_predict=cap, think=think)
         text = await self._ask(model, request(summary.text, folding), options)
         if not text:
-            log.warning("a thread's summary came back empty: its history is kept whole")
-            return False
+            raise Unfolded(f"{model} wrote an empty summary")
         folded = Summary(text, summary.folded + taken, model)
         if not await self.state.fold(fold.key, raw[:taken], folded):
             log.info("a thread's history moved on while it was summarised: not folded")
@@ -195,7 +207,8 @@ class Summaries:
 
     async def _ask(self, model: str, messages: list[Message], options: Options) -> str:
         """The model's answer (its reasoning left out); one cut at its cap is kept as it is."""
-        generation = await self.router.open(model, messages, options)
+        # at a backend with a cap, summaries queue as one person: behind people's first turns
+        generation = await self.router.open(model, messages, options, person="parley:summaries")
         parts: list[str] = []
         finished = False
         async for chunk in generation:

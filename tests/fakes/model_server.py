@@ -770,8 +770,9 @@ class FakeModelServer:
 
     def when(self, needle: str, script: Script) -> None:
         """Every chat request with `needle` in one of its messages gets `script` (before the
-        queue): a model that answers one kind of request the same way each time."""
-        self._rules.append((needle, script))
+        queue; a newer rule goes before older ones): a model that answers one kind of request
+        the same way each time."""
+        self._rules.insert(0, (needle, script))
 
     @property
     def pending_scripts(self) -> int:
