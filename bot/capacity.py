@@ -91,7 +91,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
 """
 
-Place = Callable[[int], Awaitable[None] | None]  # told the turns ahead (0: next) as it changes
+Place = Callable[[int], None]  # told the turns ahead (0: next) as it changes
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,7 @@ class Capacity:
                     break
                 if line - 1 != told and place is not None:
                     told = line - 1
-                    shown = place(told)
-                    if shown is not None:
-                        await shown
+                    place(told)
                 await asyncio.sleep(POLL)
         except BaseException:  # cancelled (Stop, shutdown) or lost: leave the queue
             with contextlib.suppress(*REDIS_DOWN):

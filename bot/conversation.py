@@ -33,7 +33,7 @@ from bot.logs import turn_id
 from bot.markdown import clean_text, cut_short, queued
 from bot.metrics import Metrics
 from bot.options import plan
-from bot.prompt import CHARS_PER_TOKEN, build_messages, estimate_tokens, measure
+from bot.prompt import CHARS_PER_TOKEN, build_messages, measure
 from bot.ratelimit import EditBudgets, Limiter, TokenBudget
 from bot.router import Generation, Router
 from bot.settings import Settings
@@ -47,7 +47,7 @@ from bot.state import (
     turn_token,
 )
 from bot.streaming import Renderer, RenderResult, Status, wait_first
-from bot.summary import Fold, Summaries, summary_cap
+from bot.summary import Fold, Summaries
 from bot.tools import Source, WebTools, progress, sources_note
 from bot.turn import ConversationKey, MessageRef, ReplyChain, ReplySink, Turn, message
 
@@ -423,7 +423,7 @@ class Conversation:
                     self.router.profile(model), self._chars_per_token(model)
                 )
                 asking = plan(model, self.settings, profile)
-                offered = self.tools.offered(model, profile) if self.tools else ()
+                offered = self.tools.offered(profile) if self.tools else ()
                 options = replace(asking.options, tools=offered)
                 system = start.prefs.system_prompt or self.settings.system_prompt
                 prompt = build_messages(
@@ -437,12 +437,17 @@ class Conversation:
                     tools=bool(offered),
                 )
                 messages = prompt.messages
-                if self.settings.summaries and (
-                    prompt.left_out or len(start.history) + 2 > self.state.history_max
-                ):  # what no longer fits (or would be trimmed) is summarised after the reply
-                    room = asking.prompt_tokens - estimate_tokens(system, rate)
-                    room -= summary_cap(asking.window)
-                    asked.fold = Fold(start.key, model, room, rate)
+                if self.settings.summaries:  # what no longer fits is summarised after the reply
+                    asked.fold = Fold.wanted(
+                        start.key,
+                        model,
+                        asking,
+                        system,
+                        prompt,
+                        len(start.history),
+                        self.state.history_max,
+                        rate,
+                    )
             except ParleyError as e:
                 await posting
                 result = await self._failed(renderer, e)

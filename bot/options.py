@@ -4,6 +4,7 @@ thinks, and the context window the history is packed for."""
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,10 @@ def matches(model: str, glob: str) -> bool:
     bare = model.partition("/")[2] if "/" in model else model
     names = {model, bare, model.removesuffix(":latest"), bare.removesuffix(":latest")}
     return any(fnmatch.fnmatchcase(n, glob) for n in names)
+
+
+def any_matches(model: str, globs: Iterable[str]) -> bool:
+    return any(matches(model, glob) for glob in globs)
 
 
 def configured(model: str, table: dict[str, ModelOptions]) -> ModelOptions:

@@ -80,13 +80,13 @@ def build_messages(
     at `chars_per_token` (the model's measured rate, else a cautious guess). Tool calls and
     their results go to a model that is offered `tools`; another reads the answers they made.
     """
+    if not tools:  # a model offered no tools reads the answers their calls and results made
+        history = [e for e in history if e.role != "tool" and not (e.calls and not e.content)]
     people = {e.user_id or e.user_name for e in [*history, turn] if e.role == "user"}
     several = len(people) > 1
     found = images or {}
 
-    def message(entry: HistoryEntry) -> tuple[Message | None, int]:
-        if not tools and (entry.role == "tool" or (entry.calls and not entry.content)):
-            return None, 0  # a model offered no tools reads the answers their results made
+    def message(entry: HistoryEntry) -> tuple[Message, int]:
         content = speaker_content(entry, several)
         pictures = tuple(found[i] for i in entry.images if i in found)
         cost = estimate_tokens(content, chars_per_token) + IMAGE_TOKENS * len(pictures)
@@ -102,18 +102,15 @@ def build_messages(
 
     system = with_summary(system, summary)
     newest, used = message(turn)
-    assert newest is not None
     used += estimate_tokens(system, chars_per_token)
     kept: list[Message] = []
-    left_out = 0
-    for n, entry in enumerate(reversed(history)):
+    for entry in reversed(history):
         said, cost = message(entry)
         if used + cost > budget_tokens:
-            left_out = len(history) - n
             break
-        if said is not None:
-            kept.append(said)
+        kept.append(said)
         used += cost
+    left_out = len(history) - len(kept)
     kept.reverse()
     # a history that starts with the assistant reads oddly to most chat templates, and a tool's
     # result without the call it answers is refused by OpenAI-kind servers

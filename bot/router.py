@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import functools
 import logging
 import time
@@ -16,6 +15,7 @@ from bot.backends.ollama import OllamaBackend
 from bot.backends.openai import OpenAIBackend
 from bot.capacity import Capacity, Held, Place
 from bot.errors import BackendError, BackendTimeout, BackendUnreachable
+from bot.options import any_matches
 from bot.settings import BackendConfig, Settings
 from bot.state import RedisClient
 
@@ -94,7 +94,7 @@ class Router:
         *,
         concurrency: int | dict[str, int] = 4,
         catalog_ttl: float = 30.0,
-        vision_globs: tuple[str, ...] = (),
+        capability_globs: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is required")
@@ -111,7 +111,8 @@ class Router:
         self._fetched_at = -1e18
         self._refresh = asyncio.Lock()
         self.errors: dict[str, BackendError] = {}  # why a backend's catalog is missing
-        self.vision_globs = vision_globs  # models of non-Ollama backends that see images
+        # what non-Ollama backends' models can do, by the operator's globs: capability → globs
+        self.capability_globs = capability_globs or {}
         self._profiles: dict[tuple[str, str], tuple[ModelInfo, float]] = {}  # → (info, until)
         self._asking: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}  # /api/show in flight
 
@@ -128,7 +129,10 @@ class Router:
             [build_backend(c, timeouts) for c in settings.backend_configs()],
             concurrency=settings.backend_caps(),
             catalog_ttl=settings.catalog_ttl if ttl is None else ttl,
-            vision_globs=tuple(settings.vision_models),
+            capability_globs={
+                "vision": tuple(settings.vision_models),
+                "tools": tuple(settings.tool_models),
+            },
         )
 
     async def catalog(self, *, refresh: bool = False) -> list[CatalogEntry]:
@@ -170,9 +174,9 @@ class Router:
     async def profile(self, model: str) -> ModelInfo:
         """What `model` can do and how much it reads, from the backend that would answer it: an
         Ollama says (/api/show); for other servers the operator's globs say which see images
-        (PARLEY_VISION_MODELS). Cached like the catalog, for at least five minutes; turns that
-        ask while it is being asked wait for that one answer; an answer that could not be had is
-        not cached (asked again next time)."""
+        (PARLEY_VISION_MODELS) and which call tools (PARLEY_TOOL_MODELS). Cached like the
+        catalog, for at least five minutes; turns that ask while it is being asked wait for that
+        one answer; an answer that could not be had is not cached (asked again next time)."""
         backend, name = (await self.candidates(model))[0]
         cached = self._profiles.get((backend.name, name))
         if cached is not None and cached[1] > time.monotonic():
@@ -189,8 +193,8 @@ class Router:
                 log.warning("backend %s: cannot tell what %s can do: %s", backend.name, name, e)
                 return ModelInfo()
         else:
-            sees = any(fnmatch.fnmatchcase(name, glob) for glob in self.vision_globs)
-            info = ModelInfo(frozenset({"completion", "vision"} if sees else {"completion"}))
+            can = {c for c, globs in self.capability_globs.items() if any_matches(name, globs)}
+            info = ModelInfo(frozenset({"completion", *can}))
         until = time.monotonic() + max(self.catalog_ttl, 300)
         self._profiles[(backend.name, name)] = (info, until)
         return info

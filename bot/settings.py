@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import limits
@@ -83,10 +83,27 @@ class BackendConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        return value.rstrip("/")
+        return http_url(value)
+
+
+def http_url(value: str) -> str:
+    """`value` without its trailing slash, if it is an http(s) URL with a host."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def json_setting(value: Any, empty: Any) -> Any:
+    """A setting given as JSON text, parsed (`empty` for blank text); other values as given."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return empty
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
 
 
 ThinkLevel = Literal["low", "medium", "high", "max"]
@@ -111,9 +128,9 @@ class ModelOptions(BaseModel):
     @field_validator("think", mode="before")
     @classmethod
     def _think(cls, value: Any) -> Any:
-        if value is None or isinstance(value, bool) or value in ("low", "medium", "high", "max"):
+        if value is None or isinstance(value, bool) or value in get_args(ThinkLevel):
             return value
-        raise ValueError("must be true, false, or a level: low, medium, high, max")
+        raise ValueError(f"must be true, false, or a level: {', '.join(get_args(ThinkLevel))}")
 
     @field_validator("keep_alive")
     @classmethod
@@ -272,27 +289,13 @@ class Settings(BaseSettings):
     @field_validator("backends", mode="before")
     @classmethod
     def _backends(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return []
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
-        return value
+        return json_setting(value, [])
 
     @field_validator("model_options", mode="before")
     @classmethod
     def _model_options(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
-            if not isinstance(value, dict):
-                raise ValueError('must be a JSON object, like {"qwen3*": {"temperature": 0.6}}')
+        if isinstance(value, str) and not isinstance(value := json_setting(value, {}), dict):
+            raise ValueError('must be a JSON object, like {"qwen3*": {"temperature": 0.6}}')
         return value
 
     @field_validator("rate_limit", "token_budget", mode="before")
@@ -393,8 +396,10 @@ class Settings(BaseSettings):
                 "PARLEY_WEB_SEARCH: needs an Ollama API key "
                 "(PARLEY_WEB_SEARCH_API_KEY or OLLAMA_API_KEY)"
             )
-        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.web_search_url):
-            raise ValueError("PARLEY_WEB_SEARCH_URL: must be an http(s) URL")
+        try:
+            http_url(self.web_search_url)
+        except ValueError as e:
+            raise ValueError(f"PARLEY_WEB_SEARCH_URL: {e}") from None
         if self.slack_app_token and not self.slack_app_token.get_secret_value().startswith("xapp-"):
             raise ValueError("PARLEY_SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
         return self

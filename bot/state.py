@@ -76,7 +76,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return #ids - first + 1
 """
 
-# Delete a lock only if it still holds our token (it may have expired and been taken since).
 CALIBRATION_WEIGHT = 0.2  # how much one prompt's measurement moves a model's average
 
 # KEYS[1] calibration hash; ARGV model, measurement, weight → the new average
@@ -112,6 +111,7 @@ end
 return 0
 """
 
+# Delete a lock only if it still holds our token (it may have expired and been taken since).
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])

@@ -20,8 +20,13 @@ from dataclasses import dataclass, replace
 from bot.backends.base import Content, Done, Message, Options
 from bot.errors import BackendError, ParleyError
 from bot.markdown import clean_text
-from bot.options import plan
-from bot.prompt import CHARS_PER_TOKEN, PER_MESSAGE_TOKENS, entry_tokens, estimate_tokens
+from bot.options import Plan, plan
+from bot.prompt import (
+    CHARS_PER_TOKEN,
+    Prompt,
+    entry_tokens,
+    estimate_tokens,
+)
 from bot.router import Router
 from bot.settings import Settings
 from bot.state import REDIS_DOWN, HistoryEntry, State, Summary
@@ -60,6 +65,26 @@ class Fold:
     model: str
     budget_tokens: int  # what the history may use in the thread model's prompt
     chars_per_token: float = CHARS_PER_TOKEN
+
+    @classmethod
+    def wanted(
+        cls,
+        key: ConversationKey,
+        model: str,
+        asking: Plan,
+        system: str,
+        prompt: Prompt,
+        stored: int,
+        history_max: int,
+        chars_per_token: float = CHARS_PER_TOKEN,
+    ) -> Fold | None:
+        """The fold a turn's prompt calls for, if its history did not fit (`prompt.left_out`)
+        or the thread's `stored` entries will soon be trimmed at `history_max`: the history's
+        budget is the prompt's less the system prompt and the summary to come."""
+        if not prompt.left_out and stored + 2 <= history_max:
+            return None
+        room = asking.prompt_tokens - estimate_tokens(system, chars_per_token)
+        return cls(key, model, room - summary_cap(asking.window), chars_per_token)
 
 
 def span(entries: Sequence[HistoryEntry], fold: Fold) -> int:
@@ -173,7 +198,8 @@ class Summaries:
         if n == 0:
             return False
         model = self.settings.summary_model or fold.model
-        asking = plan(model, self.settings, await self.router.profile(model))
+        profile = await self.router.profile(model)
+        asking = plan(model, self.settings, profile)
         # what the summary model reads: the instructions, the summary so far and the span's
         # oldest part that fits; the rest waits for the next fold
         cap = summary_cap(asking.window)
@@ -183,17 +209,17 @@ class Summaries:
             raise Unfolded(f"{model}'s window is too small to summarise a thread with")
         taken, used = 0, 0
         for entry in entries[:n]:
-            used += estimate_tokens(entry.content) + PER_MESSAGE_TOKENS
-            if taken and used > room:
+            cost = estimate_tokens(entry.content)  # (its per-message part: the speaker's name)
+            if taken and used + cost > room:
                 break
-            taken += 1
+            taken, used = taken + 1, used + cost
         while taken < n and taken > 1 and entries[taken].role != "user":
             taken -= 1  # keep a question with its answer
         folding = entries[:taken]
-        if used > room and taken == 1:  # one message larger than the window: its beginning
+        if used > room:  # the first message alone is larger than the room: its beginning
             chars = max(1, int(room * CHARS_PER_TOKEN))
             folding = [replace(folding[0], content=folding[0].content[:chars] + " …")]
-        think = False if "thinking" in (await self.router.profile(model)).capabilities else None
+        think = False if "thinking" in profile.capabilities else None
         options = Options(temperature=0.2, num_ctx=asking.window, num_predict=cap, think=think)
         text = await self._ask(model, request(summary.text, folding), options)
         if not text:

@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bot.backends.base import ModelInfo, Tool, ToolCall
 from bot.markdown import clean_text
-from bot.options import matches
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,10 +136,6 @@ def sources_note(sources: list[Source]) -> str:
     return "\n".join(["**Sources**", *lines, *tail]) if lines else ""
 
 
-def can_call_tools(model: str, info: ModelInfo, settings: Settings) -> bool:
-    return "tools" in info.capabilities or any(matches(model, g) for g in settings.tool_models)
-
-
 class WebTools:
     """The web search service's two tools, for the replies of one process."""
 
@@ -154,11 +149,10 @@ class WebTools:
             timeout=httpx.Timeout(settings.tool_timeout, connect=min(5.0, settings.tool_timeout)),
         )
 
-    def offered(self, model: str, info: ModelInfo) -> tuple[Tool, ...]:
-        """The tools `model` is offered: none unless web search is on and it calls tools."""
-        if self.settings.web_search and can_call_tools(model, info, self.settings):
-            return WEB_TOOLS
-        return ()
+    def offered(self, info: ModelInfo) -> tuple[Tool, ...]:
+        """The tools a model is offered: none unless web search is on and its profile says it
+        calls tools (an Ollama's capability; PARLEY_TOOL_MODELS for other servers)."""
+        return WEB_TOOLS if self.settings.web_search and "tools" in info.capabilities else ()
 
     async def run(self, call: ToolCall) -> ToolResult:
         """Run one call the model made, within PARLEY_TOOL_TIMEOUT; never raises."""
@@ -218,7 +212,7 @@ class WebTools:
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         """The service's JSON answer, or the call's result in words when it refused."""
         async with self.client.stream("POST", path, json=payload) as response:
-            data = b""
+            data = bytearray()
             async for piece in response.aiter_bytes():
                 data += piece
                 if len(data) > MAX_BODY:
